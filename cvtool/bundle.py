@@ -1,0 +1,181 @@
+"""The run directory (model bundle): the one place models are saved and loaded.
+
+A run directory holds ``model.keras`` and ``cvtool.json`` (class names in
+index order, input size, preprocessing, the training config, metrics and
+versions). Every command that takes a MODEL calls :func:`load_classifier`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
+from cvtool import __version__
+from cvtool.errors import UnusableError, UsageError
+from cvtool.outputs import temp_path, write_json
+
+META_FILE = "cvtool.json"
+MODEL_FILE = "model.keras"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Classifier:
+    """A loaded image classifier: Keras model plus what is needed to feed it."""
+
+    model: Any
+    class_names: list[str]
+    image_size: tuple[int, int]  # (height, width)
+    meta: dict = field(default_factory=dict)
+    source: str = ""
+    _forward: Any = field(default=None, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities (float32, [N, C]) for a batch of uint8 RGB images at ``image_size``."""
+        import tensorflow as tf
+
+        if self._forward is None:
+            self._forward = tf.function(
+                lambda x: self.model(x, training=False),
+                input_signature=[tf.TensorSpec([None, *self.image_size, 3], tf.float32)],
+            )
+        return np.asarray(self._forward(tf.convert_to_tensor(images, tf.float32)), dtype=np.float32)
+
+
+def versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {"cvtool": __version__, "tensorflow": tf.__version__, "keras": keras.__version__}
+
+
+def save_model(model, path: str | os.PathLike) -> Path:
+    """Save a Keras model atomically (a killed run never leaves a half-written model.keras)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path).with_suffix(".keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_meta(run_dir: str | os.PathLike, meta: dict) -> Path:
+    meta = {"format": FORMAT_VERSION, "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **meta}
+    meta.setdefault("versions", versions())
+    return write_json(Path(run_dir) / META_FILE, meta)
+
+
+def read_meta(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnusableError(
+            f"{path} is not a readable cvtool.json ({exc.__class__.__name__}): re-run train or restore it"
+        ) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("class_names"), list):
+        raise UnusableError(f"{path} is not a cvtool bundle file (no class_names list)")
+    if not all(isinstance(c, str) for c in meta["class_names"]):
+        raise UnusableError(f"{path}: class_names must be strings")
+    size = meta.get("image_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+        raise UnusableError(f"{path}: image_size must be [height, width]")
+    return meta
+
+
+def resolve_model_path(spec: str | os.PathLike) -> tuple[Path, Path | None]:
+    """(model file, run directory or None) for a run directory or a model file."""
+    path = Path(spec)
+    if not path.exists():
+        raise UsageError(f"model not found: {path}")
+    if path.is_dir():
+        if (path / META_FILE).exists():
+            meta_model = _meta_model_file(path)
+            return path / meta_model, path
+        if (path / MODEL_FILE).exists():
+            return path / MODEL_FILE, None
+        raise UnusableError(f"{path} is not a run directory: it has no {META_FILE} or {MODEL_FILE}")
+    run_dir = path.parent if (path.parent / META_FILE).exists() else None
+    return path, run_dir
+
+
+def _meta_model_file(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / META_FILE).read_text(encoding="utf-8")).get("model_file", MODEL_FILE)
+    except Exception:  # noqa: BLE001 - read_meta reports the problem properly
+        return MODEL_FILE
+
+
+def load_keras_model(path: str | os.PathLike, unsafe: bool = False):
+    """keras.models.load_model with safe_mode on, failures turned into one-line errors."""
+    import keras
+
+    import cvtool.layers  # noqa: F401 - registers cvtool's layers for deserialisation
+
+    path = Path(path)
+    if not path.is_file():
+        raise UnusableError(f"model file not found: {path}")
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=not unsafe)
+    except ValueError as exc:
+        text = str(exc)
+        if "safe_mode" in text or "Lambda" in text:
+            raise UnusableError(
+                f"{path} contains a Lambda layer or other custom code, which safe loading refuses; "
+                "pass --unsafe-load only if you trust where the file came from"
+            ) from None
+        raise UnusableError(f"cannot load model {path}: {_first_line(text)}") from None
+    except Exception as exc:  # noqa: BLE001 - corrupt zip, unknown class, bad h5...
+        raise UnusableError(f"cannot load model {path}: {type(exc).__name__}: {_first_line(str(exc))}") from None
+
+
+def load_classifier(spec: str | os.PathLike, unsafe: bool = False) -> Classifier:
+    """Load a classifier from a run directory or a ``.keras`` file.
+
+    Class names and input size come from ``cvtool.json``; a bare ``.keras``
+    file without one gets class names ``"0".."C-1"`` and its input layer's size.
+    """
+    model_path, run_dir = resolve_model_path(spec)
+    meta = read_meta(run_dir) if run_dir is not None else {}
+    model = load_keras_model(model_path, unsafe=unsafe)
+    try:
+        out_shape = tuple(model.outputs[0].shape)
+        in_shape = tuple(model.inputs[0].shape)
+    except (AttributeError, IndexError, TypeError):
+        raise UnusableError(f"{model_path} is not a single-input, single-output Keras model") from None
+    if len(out_shape) != 2 or out_shape[-1] is None:
+        raise UnusableError(f"{model_path} does not output class scores [batch, classes] (output shape {out_shape})")
+    if len(in_shape) != 4 or in_shape[-1] != 3:
+        raise UnusableError(f"{model_path} does not take RGB images [batch, height, width, 3] (input shape {in_shape})")
+    num_classes = int(out_shape[-1])
+    if meta:
+        class_names = list(meta["class_names"])
+        if len(class_names) != num_classes:
+            raise UnusableError(
+                f"{run_dir / META_FILE} lists {len(class_names)} classes but the model outputs {num_classes}"
+            )
+        image_size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
+    else:
+        class_names = [str(i) for i in range(num_classes)]
+        if in_shape[1] is None or in_shape[2] is None:
+            raise UnusableError(f"{model_path} has no fixed input size and no {META_FILE} to say which to use")
+        image_size = (int(in_shape[1]), int(in_shape[2]))
+    return Classifier(model=model, class_names=class_names, image_size=image_size, meta=meta, source=str(spec))
+
+
+def _first_line(text: str) -> str:
+    return " ".join(text.strip().splitlines()[:1])[:300] or "unknown error"

@@ -1,0 +1,32 @@
+"""Exceptions that carry the exit status the CLI reports.
+
+Exit codes (see README): 0 all done, 1 finished but some inputs failed,
+2 usage error, 3 a model or data set that cannot be used.
+"""
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNUSABLE = 3
+
+
+class CvtoolError(Exception):
+    """An error with a one-line message meant for the user."""
+
+    exit_code = EXIT_UNUSABLE
+
+
+class UsageError(CvtoolError):
+    """Bad option, missing folder, refusing to overwrite: exit 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class UnusableError(CvtoolError):
+    """A model or data set that cannot be used: exit 3."""
+
+    exit_code = EXIT_UNUSABLE
+
+
+class ImageError(Exception):
+    """One input file could not be read as an image; the batch goes on."""

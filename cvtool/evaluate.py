@@ -1,0 +1,240 @@
+"""`cvtool evaluate`: accuracy, rank-N, per-class report and confusion matrix on labelled images."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cvtool.batches import Failure
+from cvtool.bundle import Classifier, load_classifier
+from cvtool.data import LabelledSet, read_class_folders, split_dirs
+from cvtool.errors import UsageError
+from cvtool.images import InputItem
+from cvtool.metrics import summarise, true_class_rank
+from cvtool.outputs import CsvWriter, check_writable, save_figure, write_csv, write_json
+from cvtool.predict import ERRORS_HEADER, classify_batches, prediction_cells, prediction_header, top_k_indices
+from cvtool.progress import Progress, warn
+
+METRICS_FILE = "metrics.json"
+DEFAULT_RANKS = (1, 3, 5)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    processed: int
+    failed: int
+    out_dir: Path
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def labelled_from_folder(data: Path, class_names: list[str], split: str) -> tuple[LabelledSet, str]:
+    """The split to evaluate: ``auto`` takes test/, else validation/, else the whole folder."""
+    splits = split_dirs(data)
+    if split == "auto":
+        chosen = splits.get("test") or splits.get("validation")
+        if chosen is None and "train" in splits:
+            raise UsageError(f"{data} has train/ but no test/ or validation/; pass --split train to evaluate on it")
+    elif split == "all":
+        chosen = None
+    else:
+        if split not in splits:
+            raise UsageError(f"{data} has no {split}/ folder (found: {', '.join(sorted(splits)) or 'no splits'})")
+        chosen = splits[split]
+    folder = chosen or data
+    _, labelled = read_class_folders(folder, class_names)
+    return labelled, str(folder)
+
+
+def label_index(value: str, class_names: list[str]) -> int | None:
+    """A label from a CSV as a class index: a class name, or a numeric id.
+
+    A value that equals a class name wins (GTSRB's ``ClassId`` 10 is the class
+    named "10", which need not be index 10). Otherwise an integer is taken as
+    an index into the model's class order.
+    """
+    value = value.strip()
+    if value in class_names:
+        return class_names.index(value)
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    if number.is_integer():
+        as_name = str(int(number))
+        if as_name in class_names:
+            return class_names.index(as_name)
+        if not any(name.isdigit() for name in class_names) and 0 <= int(number) < len(class_names):
+            return int(number)
+    return None
+
+
+def labelled_from_csv(
+    data: Path, labels_csv: Path, path_column: str, label_column: str, class_names: list[str]
+) -> tuple[LabelledSet, list[Failure]]:
+    """Rows of a labels CSV as labelled items; rows with a bad path or unknown label become failures."""
+    try:
+        with open(labels_csv, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            missing = [c for c in (path_column, label_column) if c not in columns]
+            if missing:
+                raise UsageError(
+                    f"{labels_csv} has no column {', '.join(missing)} (columns: {', '.join(columns)}); "
+                    "use --path-column / --label-column"
+                )
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"cannot read labels file {labels_csv}: {exc}") from None
+    root = data.resolve()
+    out, failures = LabelledSet(), []
+    for row in rows:
+        rel = (row.get(path_column) or "").strip()
+        item = InputItem(data / rel, rel)
+        target = (data / rel).resolve()
+        if not rel or not target.is_relative_to(root):
+            failures.append(Failure(item, "path is outside the data folder; refused"))
+            continue
+        label = label_index(row.get(label_column) or "", class_names)
+        if label is None:
+            failures.append(Failure(item, f"label {row.get(label_column)!r} is not one of the model's classes"))
+            continue
+        out.items.append(item)
+        out.labels.append(label)
+    return out, failures
+
+
+def evaluate(
+    model: str | Path | Classifier,
+    data: str | Path,
+    out_dir: str | Path,
+    labels: str | Path | None = None,
+    path_column: str = "path",
+    label_column: str = "label",
+    split: str = "auto",
+    ranks: tuple[int, ...] = DEFAULT_RANKS,
+    top_k: int = 3,
+    batch_size: int = 32,
+    overwrite: bool = False,
+    quiet: bool = False,
+    unsafe_load: bool = False,
+) -> EvalResult:
+    """Evaluate a model on a labelled folder (or a flat folder plus a labels CSV); write reports to ``out_dir``."""
+    data, out_dir = Path(data), Path(out_dir)
+    if not data.is_dir():
+        raise UsageError(f"data folder not found: {data}")
+    if labels is not None and not Path(labels).is_file():
+        raise UsageError(f"labels file not found: {labels}")
+    if any(k < 1 for k in ranks):
+        raise UsageError("--rank values must be at least 1")
+    check_writable(out_dir / METRICS_FILE, overwrite)
+    classifier = model if isinstance(model, Classifier) else load_classifier(model, unsafe=unsafe_load)
+    names = classifier.class_names
+    if labels is not None:
+        labelled, failures = labelled_from_csv(data, Path(labels), path_column, label_column, names)
+        source = str(labels)
+    else:
+        (labelled, source), failures = labelled_from_folder(data, names, split), []
+    if len(labelled) == 0 and not failures:
+        raise UsageError(f"no labelled images found in {source}")
+    label_of = {id(item): label for item, label in zip(labelled.items, labelled.labels)}
+    k = min(max(top_k, 1), len(names))
+    y_true, y_pred, ranks_seen, p_true = [], [], [], []
+    header = ["path", "true", *prediction_header(k)[1:]]
+    with (
+        CsvWriter(out_dir / "predictions.csv", header) as rows,
+        CsvWriter(out_dir / "misclassified.csv", header) as wrong,
+        CsvWriter(out_dir / "errors.csv", ERRORS_HEADER) as errors,
+        Progress(len(labelled), "evaluate", quiet) as progress,
+    ):
+        for f in failures:
+            errors.write([f.item.rel, f.reason])
+            warn(f"{f.item.rel}: {f.reason}")
+        for batch, probs in classify_batches(classifier, labelled.items, batch_size):
+            for f in batch.failures:
+                errors.write([f.item.rel, f.reason])
+                warn(f"{f.item.rel}: {f.reason}")
+            failures += batch.failures
+            if batch.items:
+                truth = np.array([label_of[id(item)] for item in batch.items])
+                idx = top_k_indices(probs, k)
+                for item, t, p, i in zip(batch.items, truth, probs, idx):
+                    row = [item.rel, names[t], *prediction_cells(p, i, names)]
+                    rows.write(row)
+                    if i[0] != t:
+                        wrong.write(row)
+                y_true.extend(truth)
+                y_pred.extend(idx[:, 0])
+                ranks_seen.extend(true_class_rank(probs, truth))
+                p_true.extend(probs[np.arange(len(truth)), truth])
+            progress.update(len(batch.items) + len(batch.failures))
+    metrics, cm = summarise(y_true, y_pred, ranks_seen, p_true, names, ranks)
+    metrics = {"model": classifier.source, "data": source, "failed": len(failures), **metrics}
+    write_json(out_dir / METRICS_FILE, metrics)
+    write_csv(
+        out_dir / "confusion_matrix.csv", ["true\\predicted", *names], ([n, *r] for n, r in zip(names, cm.tolist()))
+    )
+    plot_confusion(cm, names, out_dir / "confusion_matrix.png", normalise=False)
+    plot_confusion(cm, names, out_dir / "confusion_matrix_normalized.png", normalise=True)
+    if not quiet:
+        print(format_summary(metrics), file=sys.stdout)
+    return EvalResult(metrics, len(y_true), len(failures), out_dir)
+
+
+def plot_confusion(cm: np.ndarray, names: list[str], path: Path, normalise: bool) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = cm.astype(float)
+    if normalise:
+        values = values / np.maximum(values.sum(axis=1, keepdims=True), 1)
+    n = len(names)
+    side = min(max(4.0, 0.45 * n + 2), 30.0)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalise else max(values.max(), 1))
+    ax.set_xticks(range(n), names, rotation=90 if n > 6 else 45, ha="right" if n <= 6 else "center")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix" + (" (row-normalised)" if normalise else " (counts)"))
+    if n <= 30:
+        threshold = values.max() / 2 if values.max() else 0.5
+        for i in range(n):
+            for j in range(n):
+                text = f"{values[i, j]:.2f}" if normalise else str(int(values[i, j]))
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if values[i, j] > threshold else "black",
+                )
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+def format_summary(metrics: dict) -> str:
+    lines = [f"samples {metrics['samples']}  accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}"]
+    ranks = "  ".join(f"top-{k} {v:.4f}" for k, v in metrics["top_k_accuracy"].items())
+    if ranks:
+        lines.append(ranks)
+    width = max([len(n) for n in metrics["per_class"]] + [12])
+    lines.append(f"{'class':<{width}}  precision  recall     f1  support")
+    for name, r in metrics["per_class"].items():
+        lines.append(f"{name:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:.4f}  {r['support']:7d}")
+    for key in ("macro_avg", "weighted_avg"):
+        r = metrics[key]
+        lines.append(f"{key:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:.4f}  {r['support']:7d}")
+    return "\n".join(lines)

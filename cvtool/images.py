@@ -1,0 +1,157 @@
+"""Finding image files and decoding them: the one image loader of cvtool.
+
+Every command reads pixels through :func:`open_rgb` / :func:`load_image`, so
+EXIF orientation, colour-mode conversion (grayscale, RGBA, palette, CMYK,
+16-bit), the pixel limit and the error messages are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from cvtool.errors import ImageError, UsageError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb error threshold
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}
+
+# cvtool enforces its own pixel limit (max_pixels) with a readable message.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input file: where it is, and how it is named in output files."""
+
+    path: Path
+    rel: str  # path relative to the INPUT folder, with forward slashes
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(root: str | os.PathLike) -> list[InputItem]:
+    """All image files under ``root`` (recursive, sorted by relative path).
+
+    ``root`` may also be a single file. Hidden files and folders (names that
+    start with '.') are skipped. Symbolic links are listed as they are, so a
+    dangling link is reported as a bad input rather than silently dropped.
+    """
+    root = Path(root)
+    if root.is_file() or (root.is_symlink() and not root.exists()):
+        return [InputItem(root, root.name)]
+    if not root.is_dir():
+        raise UsageError(f"input not found: {root}")
+    items = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith(".") or not is_image_name(name):
+                continue
+            path = Path(dirpath) / name
+            items.append(InputItem(path, path.relative_to(root).as_posix()))
+    items.sort(key=lambda item: item.rel)
+    return items
+
+
+def max_pixels() -> int:
+    """The largest image (in pixels) cvtool decodes; ``CVTOOL_MAX_PIXELS`` overrides."""
+    value = os.environ.get("CVTOOL_MAX_PIXELS")
+    return int(value) if value else DEFAULT_MAX_PIXELS
+
+
+def open_rgb(path: str | os.PathLike, target_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode ``path`` to an upright RGB Pillow image.
+
+    ``target_size`` (height, width) is the size the caller will resize to: for
+    JPEGs it lets libjpeg decode at a reduced scale (DCT scaling) that is still
+    at least that large, which makes large photos several times cheaper.
+    Raises :class:`ImageError` with a readable one-line reason.
+    """
+    path = Path(path)
+    try:
+        if path.is_symlink() and not path.exists():
+            raise ImageError("broken symbolic link")
+        if path.is_dir():
+            raise ImageError("is a folder, not an image file")
+        if path.stat().st_size == 0:
+            raise ImageError("empty file (0 bytes)")
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels():
+                raise ImageError(
+                    f"image too large: {width}x{height} pixels is over the limit of {max_pixels()} "
+                    "(set CVTOOL_MAX_PIXELS to raise it)"
+                )
+            orientation = _orientation(img)
+            if target_size is not None and img.format == "JPEG":
+                h, w = target_size
+                if orientation in _SWAPS_AXES:
+                    h, w = w, h
+                img.draft("RGB", (w, h))
+            img.load()
+            img = ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
+            return _to_rgb(img)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image, or a format Pillow cannot read") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"cannot decode: {_one_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - a bad file must never stop a batch
+        raise ImageError(f"cannot decode: {type(exc).__name__}: {_one_line(exc)}") from None
+
+
+def resize(img: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Resize to (height, width) with bilinear filtering; uint8 array HxWx3."""
+    h, w = size
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode ``path`` to a uint8 RGB array, resized to ``size`` (height, width) if given."""
+    img = open_rgb(path, size)
+    return resize(img, size) if size is not None else np.asarray(img, dtype=np.uint8)
+
+
+def _orientation(img: Image.Image) -> int | None:
+    try:
+        return img.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001 - broken EXIF: decode the image as stored
+        return None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        # 16-bit (or 32-bit) grayscale: scale to 8 bits instead of clipping.
+        arr = np.asarray(img).astype(np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

@@ -1,0 +1,123 @@
+"""Writing result files: the one CSV writer, and atomic file replacement.
+
+A result file appears complete or not at all: everything is written to a
+hidden temporary name in the same folder and renamed into place at the end,
+so a killed run never leaves a file that looks finished but is not.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cvtool.errors import UsageError
+
+
+def errors_path(out: str | os.PathLike) -> Path:
+    """``preds.csv`` -> ``preds.errors.csv``: the errors file beside an output CSV."""
+    out = Path(out)
+    return out.with_name(out.stem + ".errors.csv")
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse to replace an existing result unless ``overwrite``; make parent folders."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} already exists; pass --overwrite to replace it")
+    if path.exists() and path.is_dir() and path.suffix:
+        raise UsageError(f"{path} is a folder; give a file name for the output")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def temp_path(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+class CsvWriter:
+    """Streams rows to a temporary file and renames it to ``path`` on :meth:`commit`.
+
+    Used as a context manager: leaving the block normally commits, leaving it
+    with an exception removes the partial file.
+    """
+
+    def __init__(self, path: str | os.PathLike, header: Sequence[str]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_path(self.path)
+        self._file = open(self.tmp, "w", newline="", encoding="utf-8")
+        self._csv = csv.writer(self._file)
+        self._csv.writerow(header)
+        self.rows = 0
+
+    def write(self, row: Iterable[Any]) -> None:
+        self._csv.writerow(row)
+        self.rows += 1
+
+    def commit(self) -> Path:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> CsvWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_bytes_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Iterable[Any]]) -> Path:
+    with CsvWriter(path, header) as writer:
+        for row in rows:
+            writer.write(row)
+    return Path(path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure atomically (format from the suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def format_score(p: float) -> str:
+    return f"{float(p):.6f}"

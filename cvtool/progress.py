@@ -1,0 +1,61 @@
+"""Progress reporting: a tqdm bar on a terminal, periodic log lines otherwise.
+
+Cron jobs and containers get one plain line every few seconds on stderr
+instead of carriage-return bars; ``quiet`` silences both.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    """Counts processed items; use as a context manager."""
+
+    def __init__(self, total: int | None, desc: str, quiet: bool = False, interval: float = 10.0):
+        self.total, self.desc, self.quiet, self.interval = total, desc, quiet, interval
+        self.done = 0
+        self._bar = None
+        self._start = self._last = time.monotonic()
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif not self.quiet:
+            now = time.monotonic()
+            if now - self._last >= self.interval:
+                self._last = now
+                self._log(now)
+
+    def _log(self, now: float) -> None:
+        rate = self.done / max(now - self._start, 1e-9)
+        of = f"/{self.total}" if self.total else ""
+        print(f"{self.desc}: {self.done}{of} ({rate:.1f}/s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr; printed even with --quiet, which only silences progress."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def info(message: str, quiet: bool = False) -> None:
+    """One informational line on stderr, silenced by --quiet."""
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,34 @@
+"""Metric maths against hand-computed values."""
+
+import numpy as np
+
+from cvtool.evaluate import label_index
+from cvtool.metrics import confusion_matrix, per_class_report, rank_accuracy, true_class_rank
+
+
+def test_confusion_and_report():
+    y_true = np.array([0, 0, 1, 1, 2])
+    y_pred = np.array([0, 1, 1, 1, 0])
+    cm = confusion_matrix(y_true, y_pred, 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    rep = per_class_report(cm, ["a", "b", "c"])
+    assert rep["per_class"]["a"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert abs(rep["per_class"]["b"]["precision"] - 2 / 3) < 1e-12
+    assert rep["per_class"]["c"]["f1"] == 0.0
+    assert abs(rep["weighted_avg"]["recall"] - 3 / 5) < 1e-12
+
+
+def test_rank():
+    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])
+    ranks = true_class_rank(probs, np.array([2, 0, 1]))
+    assert ranks.tolist() == [1, 0, 2]
+    assert rank_accuracy(ranks, 1) == 1 / 3 and rank_accuracy(ranks, 2) == 2 / 3
+
+
+def test_label_index_gtsrb_names_and_ids():
+    numeric_names = sorted(str(i) for i in range(12))  # "0", "1", "10", "11", "2", ...
+    assert label_index("10", numeric_names) == numeric_names.index("10")
+    assert label_index("2", numeric_names) == numeric_names.index("2")
+    assert label_index("cat", ["cat", "dog"]) == 0
+    assert label_index("1", ["cat", "dog"]) == 1
+    assert label_index("5", ["cat", "dog"]) is None
