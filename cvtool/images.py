@@ -69,6 +69,11 @@ def max_pixels() -> int:
     return int(value) if value else DEFAULT_MAX_PIXELS
 
 
+def jpeg_draft_enabled() -> bool:
+    """DCT-scaled JPEG decoding is on unless ``CVTOOL_JPEG_DRAFT=0``."""
+    return os.environ.get("CVTOOL_JPEG_DRAFT", "1") != "0"
+
+
 def open_rgb(path: str | os.PathLike, target_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode ``path`` to an upright RGB Pillow image.
 
@@ -93,7 +98,7 @@ def open_rgb(path: str | os.PathLike, target_size: tuple[int, int] | None = None
                     "(set CVTOOL_MAX_PIXELS to raise it)"
                 )
             orientation = _orientation(img)
-            if target_size is not None and img.format == "JPEG":
+            if target_size is not None and img.format == "JPEG" and jpeg_draft_enabled():
                 h, w = target_size
                 if orientation in _SWAPS_AXES:
                     h, w = w, h
