@@ -14,8 +14,9 @@ its input's own size.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
@@ -176,11 +177,8 @@ def segment(
                         counts = np.bincount(mask.ravel(), minlength=256)
                         seen += counts
                         write_outputs(out_dir / names[item.rel], original, mask, labeller.classes, cfg)
-                        for class_id in np.flatnonzero(counts):
-                            pixels.write(
-                                [item.rel, _name(labeller.classes, class_id), int(counts[class_id]),
-                                 f"{counts[class_id] / mask.size:.6f}"]
-                            )  # fmt: skip
+                        for row in pixel_rows(item.rel, counts, labeller.classes):
+                            pixels.write(row)
                 failed += len(batch.failures)
                 processed += len(batch.items)
                 progress.update(len(batch.items) + len(batch.failures))
@@ -218,11 +216,15 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def output_names(items: list[InputItem]) -> dict[str, str]:
     """Relative path -> output name stem: ``sub/a.jpg`` -> ``sub/a``; ``sub/a.jpg`` if ``sub/a.png`` also exists."""
-    stems: dict[str, int] = {}
-    for item in items:
-        stem = item.rel.rsplit(".", 1)[0]
-        stems[stem] = stems.get(stem, 0) + 1
-    return {item.rel: (s if stems[s := item.rel.rsplit(".", 1)[0]] == 1 else item.rel) for item in items}
+    stems = {item.rel: PurePosixPath(item.rel).with_suffix("").as_posix() for item in items}
+    uses = Counter(stems.values())
+    return {rel: stem if uses[stem] == 1 else rel for rel, stem in stems.items()}
+
+
+def pixel_rows(rel: str, counts: np.ndarray, classes: ClassMap) -> list[list]:
+    """``path,class,pixels,fraction`` rows for the classes present in one mask, by class id."""
+    total = int(counts.sum())
+    return [[rel, _name(classes, i), int(counts[i]), f"{counts[i] / total:.6f}"] for i in np.flatnonzero(counts)]
 
 
 def mask_image(mask: np.ndarray, classes: ClassMap) -> Image.Image:

@@ -6,6 +6,8 @@ import csv
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +139,8 @@ def test_mask_png_round_trips_ids_and_palette(models, photos, tmp_path):
 
 def test_keep_background_marks_dark_pixels_255(models, photos, tmp_path):
     out = tmp_path / "seg"
-    cfg = SegmentConfig(model=str(models["predict"]), drop_background=False)
-    segment(photos, out, cfg, quiet=True)
+    args = ["segment", str(photos), "--out", str(out), "--model", str(models["predict"]), "--keep-background", "-q"]
+    assert runner.invoke(app, args).exit_code == 0
     for rel in SIZES:
         mask = np.asarray(Image.open(out / f"{rel.rsplit('.', 1)[0]}.mask.png"))
         want = expected_ids(decoded(photos, rel), keep_background=True)
@@ -302,3 +304,37 @@ def test_default_handle_loads_from_tfhub_cache_dir(models, photos, tmp_path, mon
     result = runner.invoke(app, ["segment", str(photos / "a.png"), "--out", str(out), "-q"])
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(np.asarray(Image.open(out / "a.mask.png")), expected_ids(decoded(photos, "a.png")))
+
+
+def test_batches_hold_one_image_size_and_keep_input_order(tmp_path):
+    from cvtool.batches import batched
+    from cvtool.images import InputItem
+
+    shapes = [(2, 2), (2, 2), (3, 3), (2, 2), (2, 2), (2, 2)]
+    items = [InputItem(tmp_path / f"{i}.png", f"{i}.png") for i in range(len(shapes))]
+    batches = list(batched(items, lambda item: np.zeros(shapes[int(item.rel[0])]), 2, key=lambda a: a.shape))
+    assert [[item.rel[0] for item in b.items] for b in batches] == [["0", "1"], ["2"], ["3", "4"], ["5"]]
+
+
+def test_output_names_keep_the_extension_only_when_stems_collide():
+    from cvtool.images import InputItem
+    from cvtool.segment import output_names
+
+    rels = ["a.jpg", "a.png", "sub/a.jpg", "sub/b.tif"]
+    names = output_names([InputItem(Path(r), r) for r in rels])
+    assert names == {"a.jpg": "a.jpg", "a.png": "a.png", "sub/a.jpg": "sub/a", "sub/b.tif": "sub/b"}
+
+
+def test_segment_help_does_not_import_tensorflow():
+    code = (
+        "import sys\n"
+        "from cvtool.cli import main\n"
+        "sys.argv = ['cvtool', 'segment', '--help']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print('TF_LOADED' if 'tensorflow' in sys.modules else 'TF_NOT_LOADED')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "TF_NOT_LOADED" in out.stdout and "--alpha" in out.stdout
