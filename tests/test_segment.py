@@ -97,6 +97,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     conv.set_weights([np.eye(3, dtype=np.float32).reshape(1, 1, 3, 3)])
     paths["keras"] = root / "seg.keras"
     model.save(paths["keras"])
+    fixed = keras.Input((16, 16, 3))  # a fixed-size model: images are resized to 16x16 without --input-size
+    paths["keras16"] = root / "seg16.keras"
+    keras.Model(fixed, conv(fixed)).save(paths["keras16"])
     return paths
 
 
@@ -105,6 +108,7 @@ def test_hub_load_path_finds_predict_call_and_signature(models):
     assert load_segmentation_model(models["call"]).how == "__call__"
     assert load_segmentation_model(models["signature"]).how == "serving_default"
     assert load_segmentation_model(models["keras"]).how == "keras"
+    assert load_segmentation_model(models["keras16"]).input_size == (16, 16)
 
 
 def test_masks_equal_expected_ids_at_input_size_and_mirror_paths(models, photos, tmp_path):
@@ -213,11 +217,17 @@ def halves_image(size) -> Image.Image:
     return Image.fromarray(arr)
 
 
-@pytest.mark.parametrize("option", [{"input_size": (16, 16)}, {"max_side": 16}])
+@pytest.mark.parametrize(
+    "option", [{"input_size": (16, 16)}, {"max_side": 16}, {"model": "keras16", "classes": "rgb.csv"}]
+)
 def test_resized_model_input_gives_mask_at_original_size(models, tmp_path, option):
     halves_image((48, 64)).save(tmp_path / "wide.png")
+    (tmp_path / "rgb.csv").write_text("id,name,r,g,b\n0,red,255,0,0\n1,green,0,255,0\n2,blue,0,0,255\n")
+    option = {**option, "model": str(models[option.get("model", "predict")])}
+    if "classes" in option:
+        option["classes"] = tmp_path / option["classes"]
     out = tmp_path / "seg"
-    segment(tmp_path / "wide.png", out, SegmentConfig(model=str(models["predict"]), **option), quiet=True)
+    segment(tmp_path / "wide.png", out, SegmentConfig(**option), quiet=True)
     mask = np.asarray(Image.open(out / "wide.mask.png"))
     assert mask.shape == (48, 64)
     assert (mask[:, :32] == 0).all() and (mask[:, 32:] == 2).all()
