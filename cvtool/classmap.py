@@ -10,6 +10,7 @@ PASCAL VOC palette.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -45,19 +46,25 @@ class ClassMap:
             (*self.ids, BACKGROUND_ID), (*self.names, BACKGROUND_NAME), (*self.colors, BACKGROUND_COLOR), self.source
         )
 
-    def palette(self) -> list[int]:
-        """A 256-entry PNG palette (768 ints): entry ``id`` is that class's colour, the rest black."""
+    @functools.cached_property
+    def _table(self) -> np.ndarray:
         table = np.zeros((256, 3), dtype=np.uint8)
         for class_id, color in zip(self.ids, self.colors):
             table[class_id] = color
-        return table.reshape(-1).tolist()
+        table.setflags(write=False)
+        return table
+
+    def palette(self) -> list[int]:
+        """A 256-entry PNG palette (768 ints): entry ``id`` is that class's colour, the rest black."""
+        return self._table.reshape(-1).tolist()
 
     def color_table(self) -> np.ndarray:
-        """uint8 [256, 3] lookup table: mask value -> RGB colour."""
-        return np.asarray(self.palette(), dtype=np.uint8).reshape(256, 3)
+        """uint8 [256, 3] lookup table (read-only): mask value -> RGB colour."""
+        return self._table
 
     def name_of(self, class_id: int) -> str:
-        return self.names[self.ids.index(class_id)]
+        """The class name of a mask value; the number itself for values the map does not list."""
+        return self.names[self.ids.index(class_id)] if class_id in self.ids else str(class_id)
 
 
 def camvid() -> ClassMap:

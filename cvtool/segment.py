@@ -224,7 +224,7 @@ def output_names(items: list[InputItem]) -> dict[str, str]:
 def pixel_rows(rel: str, counts: np.ndarray, classes: ClassMap) -> list[list]:
     """``path,class,pixels,fraction`` rows for the classes present in one mask, by class id."""
     total = int(counts.sum())
-    return [[rel, _name(classes, i), int(counts[i]), f"{counts[i] / total:.6f}"] for i in np.flatnonzero(counts)]
+    return [[rel, classes.name_of(int(i)), int(counts[i]), f"{counts[i] / total:.6f}"] for i in np.flatnonzero(counts)]
 
 
 def mask_image(mask: np.ndarray, classes: ClassMap) -> Image.Image:
@@ -234,19 +234,19 @@ def mask_image(mask: np.ndarray, classes: ClassMap) -> Image.Image:
     return img
 
 
-def overlay(image: np.ndarray, color: np.ndarray, alpha: float) -> np.ndarray:
-    """image * 1.0 + colour mask * alpha, saturated (as cv2.addWeighted does), in RGB order."""
-    out = image.astype(np.float32) + np.float32(alpha) * color.astype(np.float32)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+def overlay(image: np.ndarray, mask: np.ndarray, classes: ClassMap, alpha: float) -> np.ndarray:
+    """image * 1.0 + alpha * class colour, saturated (as cv2.addWeighted does), in RGB order."""
+    tint = np.rint(np.float32(alpha) * classes.color_table().astype(np.float32)).astype(np.uint16)
+    return np.minimum(image.astype(np.uint16) + tint[mask], 255).astype(np.uint8)
 
 
 def write_outputs(stem: Path, image: np.ndarray, mask: np.ndarray, classes: ClassMap, cfg: SegmentConfig) -> None:
     """Write <stem>.mask.png, <stem>.color.png and <stem>.overlay.<jpg|png>, each atomically."""
-    color = classes.color_table()[mask]
     save_image(mask_image(mask, classes), f"{stem}.mask.png")
-    save_image(Image.fromarray(color), f"{stem}.color.png")
+    save_image(Image.fromarray(classes.color_table()[mask]), f"{stem}.color.png")
     params = {"quality": 90} if cfg.overlay_format == "jpg" else {}
-    save_image(Image.fromarray(overlay(image, color, cfg.alpha)), f"{stem}.overlay.{cfg.overlay_format}", **params)
+    overlaid = Image.fromarray(overlay(image, mask, classes, cfg.alpha))
+    save_image(overlaid, f"{stem}.overlay.{cfg.overlay_format}", **params)
 
 
 def write_legend(classes: ClassMap, path: Path, seen: np.ndarray | None = None) -> Path:
@@ -274,10 +274,6 @@ def _swatch(x: float, y: float, color):
     from matplotlib.patches import Rectangle
 
     return Rectangle((x, y), 0.12, 0.7, facecolor=[c / 255 for c in color], edgecolor="0.5", linewidth=0.5)
-
-
-def _name(classes: ClassMap, class_id: int) -> str:
-    return classes.names[classes.ids.index(class_id)] if class_id in classes.ids else str(class_id)
 
 
 def _check_config(cfg: SegmentConfig) -> None:
