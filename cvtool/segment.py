@@ -59,7 +59,7 @@ class Labeller:
     Scores or logits [B,H,W,C] are arg-maxed: with C = N + 1 for N classes,
     channel 0 is the model's own background class, dropped (arg-max over the
     rest) or kept as id 255. A single float channel is the probability of
-    class 1 (threshold 0.5). Integer maps [B,H,W] or [B,H,W,1] are class ids.
+    class 1 (threshold 0.5). Maps [B,H,W] or integer [B,H,W,1] are class ids.
     """
 
     def __init__(self, classes: ClassMap | None, drop_background: bool | None):
@@ -89,7 +89,7 @@ class Labeller:
                 f"{source} output has shape {list(out.shape)}; expected [batch, height, width, classes] "
                 "scores or a [batch, height, width] map of class ids"
             )
-        if out.ndim == 3 or np.issubdtype(out.dtype, np.integer):
+        if out.ndim == 3 or (np.issubdtype(out.dtype, np.integer) and out.shape[-1] == 1):
             return None
         if out.shape[-1] == 1:  # one float channel: probability of class 1
             p = out[..., 0]

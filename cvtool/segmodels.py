@@ -39,10 +39,15 @@ class SegmentationModel:
 
         try:
             out = self.call(tf.convert_to_tensor(batch, dtype=self.input_dtype))
+        except (tf.errors.ResourceExhaustedError, MemoryError):
+            raise UnusableError(
+                f"out of memory running {self.source} on a batch of shape {list(batch.shape)}; "
+                "lower --batch-size or --max-side"
+            ) from None
         except (tf.errors.OpError, TypeError, ValueError) as exc:
             raise UnusableError(
                 f"model {self.source} failed on a batch of shape {list(batch.shape)}: {_first_line(exc)}"
-                " (a fixed-size model needs --input-size HxW)"
+                " (if it needs a fixed input size, pass --input-size HxW)"
             ) from None
         return _to_array(out, self.source)
 

@@ -100,6 +100,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     fixed = keras.Input((16, 16, 3))  # a fixed-size model: images are resized to 16x16 without --input-size
     paths["keras16"] = root / "seg16.keras"
     keras.Model(fixed, conv(fixed)).save(paths["keras16"])
+    pooled = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(inputs))
+    paths["classifier"] = root / "classifier.keras"  # [B, classes]: not a segmentation model
+    keras.Model(inputs, pooled).save(paths["classifier"])
     return paths
 
 
@@ -275,6 +278,8 @@ def test_unusable_models_exit_3_with_one_line(models, photos, tmp_path):
     assert nothing.exit_code == 3 and "no predict method" in nothing.output
     (tmp_path / "empty").mkdir()
     assert run(str(tmp_path / "empty")).exit_code == 3
+    classifier = run(str(models["classifier"]))
+    assert classifier.exit_code == 3 and "expected [batch, height, width, classes]" in classifier.output
     offline = run("https://nonexistent.invalid/segmenter/1")
     assert offline.exit_code == 3 and "--model" in offline.output and "TFHUB_CACHE_DIR" in offline.output
     assert len(offline.output.strip().splitlines()) == 1
