@@ -72,13 +72,26 @@ def batched(
     decode: Callable[[InputItem], Any],
     batch_size: int,
     workers: int | None = None,
+    key: Callable[[Any], Any] | None = None,
 ) -> Iterator[Batch]:
-    """Group the decoded stream into batches of ``batch_size`` successes."""
+    """Group the decoded stream into batches of ``batch_size`` successes.
+
+    With ``key``, a batch also ends where ``key(payload)`` changes, so that
+    consecutive images of one size can be stacked and images of another size
+    start a new batch.
+    """
     batch = Batch()
+    current = None
     for item, result in decode_stream(items, decode, workers, lookahead=max(2 * batch_size, 16)):
         if isinstance(result, Failure):
             batch.failures.append(result)
             continue
+        if key is not None:
+            k = key(result)
+            if batch.items and k != current:
+                yield batch
+                batch = Batch()
+            current = k
         batch.items.append(item)
         batch.payloads.append(result)
         if len(batch.items) >= batch_size:

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from cvtool import __version__
+from cvtool.classmap import DEFAULT_MODEL as DEFAULT_SEGMENT_MODEL
 from cvtool.errors import EXIT_UNUSABLE, EXIT_USAGE, CvtoolError
 
 app = typer.Typer(
@@ -204,6 +205,72 @@ def evaluate(
         unsafe_load,
     )
     _report(result.processed, result.failed, result.out_dir / "metrics.json", result.out_dir / "errors.csv", quiet)
+    return result.exit_code
+
+
+@app.command()
+@reports_errors
+def segment(
+    input: InputArg,
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Folder for masks, overlays, legend.png, pixels.csv.", show_default=False),
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", envvar="CVTOOL_SEGMENT_MODEL", help="TF-Hub handle, SavedModel folder or .keras file."
+        ),
+    ] = DEFAULT_SEGMENT_MODEL,
+    classes: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Class file: JSON list of {id,name,color} or CSV id,name,r,g,b "
+            "(default: built-in CamVid for 32 or 33 outputs, else numbered classes)",
+            show_default=False,
+        ),
+    ] = None,
+    input_range: Annotated[str, typer.Option(help="Pixel range the model takes: 0-1, 0-255 or -1-1.")] = "0-1",
+    input_size: Annotated[
+        Optional[str],
+        typer.Option(help="HxW every image is resized to, for fixed-size models (default: the image's own size)."),
+    ] = None,
+    max_side: Annotated[
+        int, typer.Option(min=0, help="Downscale images whose longer side is over this before the model (0: never).")
+    ] = 1024,
+    drop_background: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--drop-background/--keep-background",
+            help="With an extra background channel 0: drop it, or keep it as class 255 (default: drop).",
+            show_default=False,
+        ),
+    ] = None,
+    alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the colour mask in overlays.")] = 0.6,
+    overlay_format: Annotated[str, typer.Option(help="Overlay files: jpg or png.")] = "jpg",
+    batch_size: BatchSize = 4,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    unsafe_load: UnsafeLoad = False,
+) -> int:
+    """Per-pixel classes for every image under INPUT: mask, colour mask and overlay per image, legend, pixel counts."""
+    from cvtool.segment import SegmentConfig, parse_size
+    from cvtool.segment import segment as run_segment
+
+    cfg = SegmentConfig(
+        model,
+        classes,
+        input_range,
+        parse_size(input_size),
+        max_side,
+        drop_background,
+        alpha,
+        overlay_format,
+        batch_size,
+        unsafe_load,
+    )
+    result = run_segment(input, out, cfg, overwrite=overwrite, quiet=quiet)
+    _report(result.processed, result.failed, out, result.errors, quiet)
     return result.exit_code
 
 

@@ -119,5 +119,23 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+def save_image(img, path: str | os.PathLike, **params: Any) -> Path:
+    """Save a Pillow image atomically; the format comes from the suffix (``params`` go to ``Image.save``)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"cannot write images with the extension {path.suffix!r}: {path}")
+    tmp = temp_path(path)
+    try:
+        img.save(tmp, format=fmt, **params)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def format_score(p: float) -> str:
     return f"{float(p):.6f}"
