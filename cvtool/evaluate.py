@@ -21,6 +21,8 @@ from cvtool.progress import Progress, warn
 
 METRICS_FILE = "metrics.json"
 DEFAULT_RANKS = (1, 3, 5)
+# Above this many classes (ImageNet's 1000), plots and the printed table keep only the classes that occur.
+MAX_CLASSES_SHOWN_ALL = 50
 
 
 @dataclass
@@ -218,11 +220,20 @@ def evaluate(
     write_csv(
         out_dir / "confusion_matrix.csv", ["true\\predicted", *names], ([n, *r] for n, r in zip(names, cm.tolist()))
     )
-    plot_confusion(cm, names, out_dir / "confusion_matrix.png", normalise=False)
-    plot_confusion(cm, names, out_dir / "confusion_matrix_normalized.png", normalise=True)
+    keep = classes_shown(cm)
+    cm_shown, names_shown = cm[np.ix_(keep, keep)], [names[i] for i in keep]
+    plot_confusion(cm_shown, names_shown, out_dir / "confusion_matrix.png", normalise=False)
+    plot_confusion(cm_shown, names_shown, out_dir / "confusion_matrix_normalized.png", normalise=True)
     if not quiet:
         print(format_summary(metrics), file=sys.stdout)
     return EvalResult(metrics, len(y_true), len(failures), out_dir)
+
+
+def classes_shown(cm: np.ndarray) -> np.ndarray:
+    """Class indices to plot: all of them, or for many classes those that are true or predicted at least once."""
+    if len(cm) <= MAX_CLASSES_SHOWN_ALL:
+        return np.arange(len(cm))
+    return np.flatnonzero(cm.sum(axis=0) + cm.sum(axis=1))
 
 
 def plot_confusion(cm: np.ndarray, names: list[str], path: Path, normalise: bool) -> Path:
@@ -269,8 +280,14 @@ def format_summary(metrics: dict) -> str:
         lines.append(ranks)
     width = max([len(n) for n in metrics["per_class"]] + [12])
     lines.append(f"{'class':<{width}}  precision  recall     f1  support")
+    many = len(metrics["per_class"]) > MAX_CLASSES_SHOWN_ALL
     for name, r in metrics["per_class"].items():
+        if many and not r["support"]:
+            continue
         lines.append(f"{name:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:.4f}  {r['support']:7d}")
+    hidden = sum(1 for r in metrics["per_class"].values() if not r["support"]) if many else 0
+    if hidden:
+        lines.append(f"({hidden} classes without samples not listed; metrics.json has them all)")
     for key in ("macro_avg", "weighted_avg"):
         r = metrics[key]
         lines.append(f"{key:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:.4f}  {r['support']:7d}")
