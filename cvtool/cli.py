@@ -50,8 +50,8 @@ ImagenetWeights = Annotated[
     Optional[Path],
     typer.Option(
         "--weights",
-        help="For imagenet:NAME: a local weights file, or a folder of NAME.h5 files "
-        "[default: $CVTOOL_IMAGENET_WEIGHTS, else Keras' download cache ~/.keras/models]",
+        help="For imagenet:NAME: a local weights file, or a folder of NAME.h5 files. "
+        "Default: $CVTOOL_IMAGENET_WEIGHTS, else Keras' download cache (~/.keras/models).",
         show_default=False,
     ),
 ]
@@ -235,7 +235,10 @@ def evaluate(
 def models_command(
     folder: Annotated[
         Optional[Path],
-        typer.Argument(help="Folder searched (recursively) for run directories.", show_default=False),
+        typer.Argument(
+            help="Folder searched (recursively) for run directories; without it, only imagenet: names are listed.",
+            show_default=False,
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> int:

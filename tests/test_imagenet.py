@@ -161,8 +161,8 @@ def test_mobilenet_v3_normalises_inside_and_matches_keras(tmp_path, photos):
     from cvtool.images import list_images, load_image
 
     path = tmp_path / "mnv3.weights.h5"
-    net = saved_application("MobileNetV3Large", "mobilenet_v3", path, seed=1)
-    clf = load_classifier("imagenet:mobilenet_v3_large", weights=path)
+    net = saved_application("MobileNetV3Small", "mobilenet_v3", path, seed=1)
+    clf = load_classifier("imagenet:mobilenet_v3_small", weights=path)
     assert clf.model.get_layer("preprocess").mode == "none"
     expected = reference_probs(net, "mobilenet_v3", photos)
     pixels = np.stack([load_image(item.path, clf.image_size) for item in list_images(photos)])
@@ -197,16 +197,24 @@ def test_label_format_wnid_refused_for_a_run_without_wordnet_ids(trained_run, co
     assert result.exit_code == 2 and "--label-format" in result.output
 
 
-def test_weights_folder_from_environment_serves_the_model(mobilenet_v2, imagenet_classifier, photos, monkeypatch):
-    from cvtool.bundle import load_classifier
-    from cvtool.images import load_image
+def test_weights_resolution_option_then_environment_file_or_folder(tmp_path, monkeypatch):
+    from cvtool.imagenet import weights_file
 
-    folder = Path(mobilenet_v2[1]).parent
-    monkeypatch.setenv("CVTOOL_IMAGENET_WEIGHTS", str(folder))
-    clf = load_classifier("imagenet:mobilenet_v2")
-    assert clf.meta["weights"] == str(folder / "mobilenet_v2.weights.h5")
-    x = load_image(photos / "img1.png", (224, 224))[None]
-    np.testing.assert_allclose(clf.predict(x), imagenet_classifier.predict(x), atol=1e-6)
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "resnet50.h5").write_bytes(b"h5")
+    (folder / "mobilenet_v2.weights.h5").write_bytes(b"h5")
+    (folder / "mobilenet_v2.h5").write_bytes(b"h5")
+    single = tmp_path / "vgg.h5"
+    single.write_bytes(b"h5")
+    monkeypatch.delenv("CVTOOL_IMAGENET_WEIGHTS", raising=False)
+    assert weights_file("resnet50") is None  # Keras' own download and cache
+    monkeypatch.setenv("CVTOOL_IMAGENET_WEIGHTS", str(folder))  # one folder serves several models
+    assert weights_file("resnet50") == folder / "resnet50.h5"
+    assert weights_file("mobilenet_v2") == folder / "mobilenet_v2.weights.h5"
+    assert weights_file("vgg16", single) == single  # --weights wins over the environment
+    monkeypatch.setenv("CVTOOL_IMAGENET_WEIGHTS", str(single))
+    assert weights_file("vgg16") == single
 
 
 def test_weights_folder_without_the_file_says_what_it_expects(tmp_path, photos):
@@ -318,3 +326,21 @@ def test_models_without_folder_lists_only_imagenet_and_missing_folder_is_exit_2(
     assert result.exit_code == 0 and "imagenet:efficientnet_b0" in result.output
     assert "Run directories" not in result.output
     assert runner.invoke(app, ["models", str(tmp_path / "nope")]).exit_code == 2
+
+
+def test_models_help_does_not_import_tensorflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cvtool.cli import main\n"
+        "sys.argv = ['cvtool', 'models', '--help']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print('TF_LOADED' if 'tensorflow' in sys.modules else 'TF_NOT_LOADED')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "TF_NOT_LOADED" in out.stdout and "imagenet:NAME" in out.stdout
