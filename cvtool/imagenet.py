@@ -145,6 +145,8 @@ def load_imagenet(spec: str, weights: str | os.PathLike | None = None):
     local = weights_file(name, weights)
     try:
         model = build_model(name, local if local is not None else "imagenet")
+    except MemoryError:
+        raise
     except Exception as exc:  # noqa: BLE001 - download failure, bad file: one line each
         text = " ".join(str(exc).split())
         if local is not None:
