@@ -143,12 +143,22 @@ def load_keras_model(path: str | os.PathLike, unsafe: bool = False):
         raise UnusableError(f"cannot load model {path}: {type(exc).__name__}: {_first_line(str(exc))}") from None
 
 
-def load_classifier(spec: str | os.PathLike, unsafe: bool = False) -> Classifier:
-    """Load a classifier from a run directory or a ``.keras`` file.
+def load_classifier(
+    spec: str | os.PathLike, unsafe: bool = False, weights: str | os.PathLike | None = None
+) -> Classifier:
+    """Load a classifier from a run directory, a ``.keras`` file or ``imagenet:NAME``.
 
     Class names and input size come from ``cvtool.json``; a bare ``.keras``
     file without one gets class names ``"0".."C-1"`` and its input layer's size.
+    ``imagenet:NAME`` is a ready-made keras.applications classifier (see
+    :mod:`cvtool.imagenet`); ``weights`` is a local weights file for it.
     """
+    from cvtool import imagenet
+
+    if imagenet.is_imagenet_spec(spec):
+        return imagenet.load_imagenet(str(spec), weights)
+    if weights is not None:
+        raise UsageError(f"--weights is for {imagenet.PREFIX}NAME models; {spec} carries its own weights")
     model_path, run_dir = resolve_model_path(spec)
     meta = read_meta(run_dir) if run_dir is not None else {}
     model = load_keras_model(model_path, unsafe=unsafe)

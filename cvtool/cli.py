@@ -41,7 +41,24 @@ UnsafeLoad = Annotated[
     typer.Option("--unsafe-load", help="Allow models with Lambda layers or custom code (only if you trust the file)."),
 ]
 ModelArg = Annotated[
-    str, typer.Argument(help="Run directory from train/finetune, or a .keras model file.", show_default=False)
+    str,
+    typer.Argument(
+        help="Run directory from train/finetune, a .keras model file, or imagenet:NAME (see `cvtool models`).",
+        show_default=False,
+    ),
+]
+ImagenetWeights = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--weights",
+        help="For imagenet:NAME: a local weights file, or a folder of NAME.h5 files. "
+        "Default: $CVTOOL_IMAGENET_WEIGHTS, else Keras' download cache (~/.keras/models).",
+        show_default=False,
+    ),
+]
+LabelFormat = Annotated[
+    str,
+    typer.Option("--label-format", help="CSV labels of imagenet:NAME models: name, wnid or both."),
 ]
 InputArg = Annotated[Path, typer.Argument(help="Image file, or folder searched recursively.", show_default=False)]
 
@@ -146,11 +163,15 @@ def predict(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     unsafe_load: UnsafeLoad = False,
+    label_format: LabelFormat = "name",
+    weights: ImagenetWeights = None,
 ) -> int:
     """Classify every image under INPUT: one CSV row per image (path,label,score,label_2,score_2,...)."""
     from cvtool.predict import predict as run_predict
 
-    result = run_predict(model, input, out, top_k, batch_size, overwrite, quiet, unsafe_load)
+    result = run_predict(
+        model, input, out, top_k, batch_size, overwrite, quiet, unsafe_load, label_format=label_format, weights=weights
+    )
     _report(result.processed, result.failed, result.out, result.errors, quiet)
     return result.exit_code
 
@@ -167,7 +188,7 @@ def evaluate(
     labels: Annotated[Optional[Path], typer.Option(help="CSV of paths (relative to DATA) and labels.")] = None,
     path_column: Annotated[str, typer.Option(help="Path column of --labels.")] = "path",
     label_column: Annotated[
-        str, typer.Option(help="Label column of --labels: class names or numeric class ids.")
+        str, typer.Option(help="Label column of --labels: class names, WordNet ids (imagenet:) or numeric class ids.")
     ] = "label",
     split: Annotated[
         str, typer.Option(help="auto (test/, else validation/, else all), test, validation, train or all.")
@@ -178,6 +199,7 @@ def evaluate(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     unsafe_load: UnsafeLoad = False,
+    weights: ImagenetWeights = None,
 ) -> int:
     """Accuracy, rank-N accuracy, per-class precision/recall/F1 and a confusion matrix."""
     from cvtool.errors import UsageError
@@ -203,6 +225,7 @@ def evaluate(
         overwrite,
         quiet,
         unsafe_load,
+        weights=weights,
     )
     _report(result.processed, result.failed, result.out_dir / "metrics.json", result.out_dir / "errors.csv", quiet)
     return result.exit_code
@@ -272,6 +295,34 @@ def segment(
     result = run_segment(input, out, cfg, overwrite=overwrite, quiet=quiet)
     _report(result.processed, result.failed, out, result.errors, quiet)
     return result.exit_code
+
+
+@app.command("models")
+@reports_errors
+def models_command(
+    folder: Annotated[
+        Optional[Path],
+        typer.Argument(
+            help="Folder searched (recursively) for run directories; without it, only imagenet: names are listed.",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> int:
+    """List what can be given as MODEL: the imagenet:NAME classifiers, and run directories under FOLDER."""
+    import json
+
+    from cvtool.catalog import format_catalog, list_models
+    from cvtool.progress import warn
+
+    catalog = list_models(folder)
+    for run_dir, reason in catalog.skipped:
+        warn(f"{run_dir}: skipped: {reason}")
+    if as_json:
+        typer.echo(json.dumps({"imagenet": catalog.imagenet, "runs": catalog.runs}, indent=2))
+    else:
+        typer.echo(format_catalog(catalog))
+    return 0
 
 
 def _report(processed: int, failed: int, out: Path, errors: Path, quiet: bool) -> None:

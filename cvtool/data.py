@@ -73,9 +73,11 @@ def read_class_folders(folder: Path, class_names: list[str] | None = None) -> tu
     else:
         unknown = sorted(set(per_class) - set(class_names))
         if unknown:
-            raise UnusableError(
-                f"{folder} has classes the model does not know: {', '.join(unknown)} (known: {', '.join(class_names)})"
-            )
+            known = ", ".join(class_names[:20]) + (f", ... ({len(class_names)})" if len(class_names) > 20 else "")
+            raise UnusableError(f"{folder} has classes the model does not know: {', '.join(unknown)} (known: {known})")
+        shared = sorted(name for name in per_class if class_names.count(name) > 1)
+        if shared:
+            raise UnusableError(f"{folder}: the model has several classes named {', '.join(shared)}; use class ids")
     out = LabelledSet()
     for label, name in enumerate(class_names):
         for item in per_class.get(name, []):

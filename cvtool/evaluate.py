@@ -12,7 +12,7 @@ import numpy as np
 from cvtool.batches import Failure
 from cvtool.bundle import Classifier, load_classifier
 from cvtool.data import LabelledSet, read_class_folders, split_dirs
-from cvtool.errors import UsageError
+from cvtool.errors import UnusableError, UsageError
 from cvtool.images import InputItem
 from cvtool.metrics import summarise, true_class_rank
 from cvtool.outputs import CsvWriter, check_writable, save_figure, write_csv, write_json
@@ -21,6 +21,8 @@ from cvtool.progress import Progress, warn
 
 METRICS_FILE = "metrics.json"
 DEFAULT_RANKS = (1, 3, 5)
+# Above this many classes (ImageNet's 1000), plots and the printed table keep only the classes that occur.
+MAX_CLASSES_SHOWN_ALL = 50
 
 
 @dataclass
@@ -35,8 +37,14 @@ class EvalResult:
         return 1 if self.failed else 0
 
 
-def labelled_from_folder(data: Path, class_names: list[str], split: str) -> tuple[LabelledSet, str]:
-    """The split to evaluate: ``auto`` takes test/, else validation/, else the whole folder."""
+def labelled_from_folder(
+    data: Path, class_names: list[str], split: str, wnids: list[str] | None = None
+) -> tuple[LabelledSet, str]:
+    """The split to evaluate: ``auto`` takes test/, else validation/, else the whole folder.
+
+    Class folders are named by class name or, for a model with WordNet ids
+    (``imagenet:NAME``), by WordNet id as in ImageNet's own layout (``n01440764/``).
+    """
     splits = split_dirs(data)
     if split == "auto":
         chosen = splits.get("test") or splits.get("validation")
@@ -49,20 +57,31 @@ def labelled_from_folder(data: Path, class_names: list[str], split: str) -> tupl
             raise UsageError(f"{data} has no {split}/ folder (found: {', '.join(sorted(splits)) or 'no splits'})")
         chosen = splits[split]
     folder = chosen or data
-    _, labelled = read_class_folders(folder, class_names)
+    try:
+        _, labelled = read_class_folders(folder, class_names)
+    except UnusableError:
+        if not wnids:
+            raise
+        _, labelled = read_class_folders(folder, wnids)
     return labelled, str(folder)
 
 
-def label_index(value: str, class_names: list[str]) -> int | None:
-    """A label from a CSV as a class index: a class name, or a numeric id.
+def label_index(value: str, class_names: list[str], wnids: list[str] | None = None) -> int | None:
+    """A label from a CSV as a class index: a class name, a WordNet id, or a numeric id.
 
     A value that equals a class name wins (GTSRB's ``ClassId`` 10 is the class
-    named "10", which need not be index 10). Otherwise an integer is taken as
-    an index into the model's class order.
+    named "10", which need not be index 10); then a WordNet id of a model that
+    has them (``imagenet:NAME``). Otherwise an integer is taken as an index into
+    the model's class order. A name that several classes share (ImageNet's two
+    "crane"s) raises :class:`AmbiguousLabel`.
     """
     value = value.strip()
     if value in class_names:
+        if class_names.count(value) > 1:
+            raise AmbiguousLabel(value)
         return class_names.index(value)
+    if wnids and value in wnids:
+        return wnids.index(value)
     try:
         number = float(value)
     except ValueError:
@@ -76,8 +95,17 @@ def label_index(value: str, class_names: list[str]) -> int | None:
     return None
 
 
+class AmbiguousLabel(ValueError):
+    """A label that names several of the model's classes."""
+
+
 def labelled_from_csv(
-    data: Path, labels_csv: Path, path_column: str, label_column: str, class_names: list[str]
+    data: Path,
+    labels_csv: Path,
+    path_column: str,
+    label_column: str,
+    class_names: list[str],
+    wnids: list[str] | None = None,
 ) -> tuple[LabelledSet, list[Failure]]:
     """Rows of a labels CSV as labelled items; rows with a bad path or unknown label become failures."""
     try:
@@ -102,7 +130,13 @@ def labelled_from_csv(
         if not rel or not target.is_relative_to(root):
             failures.append(Failure(item, "path is outside the data folder; refused"))
             continue
-        label = label_index(row.get(label_column) or "", class_names)
+        try:
+            label = label_index(row.get(label_column) or "", class_names, wnids)
+        except AmbiguousLabel:
+            failures.append(
+                Failure(item, f"label {row.get(label_column)!r} names several of the model's classes; use its id")
+            )
+            continue
         if label is None:
             failures.append(Failure(item, f"label {row.get(label_column)!r} is not one of the model's classes"))
             continue
@@ -125,6 +159,7 @@ def evaluate(
     overwrite: bool = False,
     quiet: bool = False,
     unsafe_load: bool = False,
+    weights: str | Path | None = None,
 ) -> EvalResult:
     """Evaluate a model on a labelled folder (or a flat folder plus a labels CSV); write reports to ``out_dir``."""
     data, out_dir = Path(data), Path(out_dir)
@@ -135,13 +170,17 @@ def evaluate(
     if any(k < 1 for k in ranks):
         raise UsageError("--rank values must be at least 1")
     check_writable(out_dir / METRICS_FILE, overwrite)
-    classifier = model if isinstance(model, Classifier) else load_classifier(model, unsafe=unsafe_load)
+    if isinstance(model, Classifier):
+        classifier = model
+    else:
+        classifier = load_classifier(model, unsafe=unsafe_load, weights=weights)
     names = classifier.class_names
+    wnids = classifier.meta.get("wnids")
     if labels is not None:
-        labelled, failures = labelled_from_csv(data, Path(labels), path_column, label_column, names)
+        labelled, failures = labelled_from_csv(data, Path(labels), path_column, label_column, names, wnids)
         source = str(labels)
     else:
-        (labelled, source), failures = labelled_from_folder(data, names, split), []
+        (labelled, source), failures = labelled_from_folder(data, names, split, wnids), []
     if len(labelled) == 0 and not failures:
         raise UsageError(f"no labelled images found in {source}")
     label_of = {id(item): label for item, label in zip(labelled.items, labelled.labels)}
@@ -181,11 +220,20 @@ def evaluate(
     write_csv(
         out_dir / "confusion_matrix.csv", ["true\\predicted", *names], ([n, *r] for n, r in zip(names, cm.tolist()))
     )
-    plot_confusion(cm, names, out_dir / "confusion_matrix.png", normalise=False)
-    plot_confusion(cm, names, out_dir / "confusion_matrix_normalized.png", normalise=True)
+    keep = classes_shown(cm)
+    cm_shown, names_shown = cm[np.ix_(keep, keep)], [names[i] for i in keep]
+    plot_confusion(cm_shown, names_shown, out_dir / "confusion_matrix.png", normalise=False)
+    plot_confusion(cm_shown, names_shown, out_dir / "confusion_matrix_normalized.png", normalise=True)
     if not quiet:
         print(format_summary(metrics), file=sys.stdout)
     return EvalResult(metrics, len(y_true), len(failures), out_dir)
+
+
+def classes_shown(cm: np.ndarray) -> np.ndarray:
+    """Class indices to plot: all of them, or for many classes those that are true or predicted at least once."""
+    if len(cm) <= MAX_CLASSES_SHOWN_ALL:
+        return np.arange(len(cm))
+    return np.flatnonzero(cm.sum(axis=0) + cm.sum(axis=1))
 
 
 def plot_confusion(cm: np.ndarray, names: list[str], path: Path, normalise: bool) -> Path:
@@ -232,8 +280,14 @@ def format_summary(metrics: dict) -> str:
         lines.append(ranks)
     width = max([len(n) for n in metrics["per_class"]] + [12])
     lines.append(f"{'class':<{width}}  precision  recall     f1  support")
+    many = len(metrics["per_class"]) > MAX_CLASSES_SHOWN_ALL
     for name, r in metrics["per_class"].items():
+        if many and not r["support"]:
+            continue
         lines.append(f"{name:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:.4f}  {r['support']:7d}")
+    hidden = sum(1 for r in metrics["per_class"].values() if not r["support"]) if many else 0
+    if hidden:
+        lines.append(f"({hidden} classes without samples not listed; metrics.json has them all)")
     for key in ("macro_avg", "weighted_avg"):
         r = metrics[key]
         lines.append(f"{key:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:.4f}  {r['support']:7d}")

@@ -77,20 +77,29 @@ def predict(
     overwrite: bool = False,
     quiet: bool = False,
     unsafe_load: bool = False,
+    label_format: str = "name",
+    weights: str | Path | None = None,
 ) -> RunResult:
     """Write ``out`` (path,label,score,label_2,score_2,...) for every image under ``input``.
 
     Rows follow input order and are streamed to disk; bad files go to the
-    errors CSV beside ``out`` and never stop the run.
+    errors CSV beside ``out`` and never stop the run. ``label_format`` (name,
+    wnid, both) and ``weights`` apply to ``imagenet:NAME`` models.
     """
+    from cvtool.imagenet import check_label_format, label_names
+
+    check_label_format(label_format)
     out = check_writable(out, overwrite)
     err_out = check_writable(errors_path(out), True)
     items = list_images(input)
     if not items:
         warn(f"no images found in {input}")
-    classifier = model if isinstance(model, Classifier) else load_classifier(model, unsafe=unsafe_load)
+    if isinstance(model, Classifier):
+        classifier = model
+    else:
+        classifier = load_classifier(model, unsafe=unsafe_load, weights=weights)
     k = resolve_top_k(top_k, classifier.num_classes)
-    names = classifier.class_names
+    names = label_names(classifier.class_names, classifier.meta, label_format)
     failed = processed = 0
     with CsvWriter(out, prediction_header(k)) as rows, CsvWriter(err_out, ERRORS_HEADER) as errors:
         with Progress(len(items), "predict", quiet) as progress:
