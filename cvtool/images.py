@@ -44,15 +44,21 @@ def list_images(root: str | os.PathLike) -> list[InputItem]:
 
     ``root`` may also be a single file. Hidden files and folders (names that
     start with '.') are skipped. Symbolic links are listed as they are, so a
-    dangling link is reported as a bad input rather than silently dropped.
+    dangling link is reported as a bad input rather than silently dropped;
+    linked folders are followed, each real folder once (no symlink loops).
     """
     root = Path(root)
     if root.is_file() or (root.is_symlink() and not root.exists()):
         return [InputItem(root, root.name)]
     if not root.is_dir():
         raise UsageError(f"input not found: {root}")
-    items = []
+    items, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a folder reached again through a symlink (or a loop)
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if name.startswith(".") or not is_image_name(name):
@@ -92,13 +98,18 @@ def open_rgb(path: str | os.PathLike, target_size: tuple[int, int] | None = None
                     f"image too large: {width}x{height} pixels is over the limit of {max_pixels()} "
                     "(set CVTOOL_MAX_PIXELS to raise it)"
                 )
-            orientation = _orientation(img)
-            if target_size is not None and img.format == "JPEG":
+            # Reading EXIF may load the pixels (PNG, WebP) and a failed load leaves a blank image that
+            # loads "fine" the second time: so only JPEGs (whose EXIF sits in the header) read it first.
+            is_jpeg = img.format == "JPEG"
+            orientation = _orientation(img) if is_jpeg else None
+            if target_size is not None and is_jpeg:
                 h, w = target_size
                 if orientation in _SWAPS_AXES:
                     h, w = w, h
                 img.draft("RGB", (w, h))
             img.load()
+            if not is_jpeg:
+                orientation = _orientation(img)
             img = ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
             return _to_rgb(img)
     except ImageError:
