@@ -35,7 +35,9 @@ class EvalResult:
         return 1 if self.failed else 0
 
 
-def labelled_from_folder(data: Path, class_names: list[str], split: str) -> tuple[LabelledSet, str]:
+def labelled_from_folder(
+    data: Path, class_names: list[str], split: str, exclude: Path | None = None
+) -> tuple[LabelledSet, str]:
     """The split to evaluate: ``auto`` takes test/, else validation/, else the whole folder."""
     splits = split_dirs(data)
     if split == "auto":
@@ -49,7 +51,7 @@ def labelled_from_folder(data: Path, class_names: list[str], split: str) -> tupl
             raise UsageError(f"{data} has no {split}/ folder (found: {', '.join(sorted(splits)) or 'no splits'})")
         chosen = splits[split]
     folder = chosen or data
-    _, labelled = read_class_folders(folder, class_names)
+    _, labelled = read_class_folders(folder, class_names, exclude)
     return labelled, str(folder)
 
 
@@ -141,7 +143,7 @@ def evaluate(
         labelled, failures = labelled_from_csv(data, Path(labels), path_column, label_column, names)
         source = str(labels)
     else:
-        (labelled, source), failures = labelled_from_folder(data, names, split), []
+        (labelled, source), failures = labelled_from_folder(data, names, split, out_dir), []
     if len(labelled) == 0 and not failures:
         raise UsageError(f"no labelled images found in {source}")
     label_of = {id(item): label for item, label in zip(labelled.items, labelled.labels)}

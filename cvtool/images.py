@@ -39,13 +39,15 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_images(root: str | os.PathLike) -> list[InputItem]:
+def list_images(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[InputItem]:
     """All image files under ``root`` (recursive, sorted by relative path).
 
     ``root`` may also be a single file. Hidden files and folders (names that
     start with '.') are skipped. Symbolic links are listed as they are, so a
     dangling link is reported as a bad input rather than silently dropped;
     linked folders are followed, each real folder once (no symlink loops).
+    ``exclude`` is a folder to leave out: a command's own output folder when
+    the user points ``--out`` inside INPUT, so results are never read as inputs.
     """
     root = Path(root)
     if root.is_file() or (root.is_symlink() and not root.exists()):
@@ -53,6 +55,9 @@ def list_images(root: str | os.PathLike) -> list[InputItem]:
     if not root.is_dir():
         raise UsageError(f"input not found: {root}")
     items, seen = [], set()
+    if exclude is not None and Path(exclude).is_dir():
+        st = os.stat(exclude)
+        seen.add((st.st_dev, st.st_ino))
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:  # a folder reached again through a symlink (or a loop)

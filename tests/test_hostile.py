@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -170,3 +171,14 @@ def test_real_cli_prints_no_traceback_on_the_hostile_corpus(hostile, trained_run
     lines = proc.stderr.splitlines()
     assert all(line.startswith("warning: ") for line in lines[:-1]), proc.stderr
     assert len(lines) == len(hostile.flat.bad) + 1 and "failed" in lines[-1]
+
+
+def test_output_pointed_inside_the_input_is_never_read_as_input(trained_run, colour_data, tmp_path):
+    for i, inner in enumerate(("report", "red/report")):
+        data = tmp_path / f"data{i}"
+        shutil.copytree(colour_data / "validation", data)
+        report = data / inner
+        for _ in range(2):  # the second run sees the first one's PNGs inside DATA
+            result = invoke(["evaluate", str(trained_run), str(data), "--out", str(report), "--overwrite", "-q"])
+            assert result.exit_code == 0, result.stderr
+            assert len(read_rows(report / "predictions.csv")) == 36
