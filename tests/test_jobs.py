@@ -83,12 +83,8 @@ def test_shards_are_disjoint_covering_stable_and_independent_of_listing_order():
     for k in range(4):
         assert {i.rel for i in take_shard(shuffled, Shard(k, 4))} == {i.rel for i in parts[k]}
     # Pinned values: a different hash (e.g. Python's randomised hash()) would split machines differently.
-    assert [shard_of(f"{n}.jpg", 10) for n in ("a", "b", "c", "photos/d")] == [
-        shard_of("a.jpg", 10),
-        shard_of("b.jpg", 10),
-        shard_of("c.jpg", 10),
-        shard_of("photos/d.jpg", 10),
-    ]
+    names = ("a.jpg", "b.jpg", "c.jpg", "photos/d.jpg", "ünï 日本.png")
+    assert [shard_of(n, 10) for n in names] == [9, 2, 2, 8, 8]
     code = "from cvtool.jobs import shard_of; print([shard_of(f'{n}.jpg', 10) for n in 'abcdefgh'])"
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
