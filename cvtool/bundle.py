@@ -108,6 +108,11 @@ def resolve_model_path(spec: str | os.PathLike) -> tuple[Path, Path | None]:
             return path / meta_model, path
         if (path / MODEL_FILE).exists():
             return path / MODEL_FILE, None
+        if (path / "saved_model.pb").exists():
+            raise UnusableError(
+                f"{path} is a TensorFlow SavedModel, which has no Keras model or class names to load; "
+                f"give a run directory or a .keras file"
+            )
         raise UnusableError(f"{path} is not a run directory: it has no {META_FILE} or {MODEL_FILE}")
     run_dir = path.parent if (path.parent / META_FILE).exists() else None
     return path, run_dir

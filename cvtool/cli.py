@@ -7,6 +7,7 @@ and `--version` answer at once.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -39,6 +40,23 @@ TopK = Annotated[
 UnsafeLoad = Annotated[
     bool,
     typer.Option("--unsafe-load", help="Allow models with Lambda layers or custom code (only if you trust the file)."),
+]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        envvar="CVTOOL_RESUME",
+        help="Continue an interrupted run from OUT.part, keeping its rows; a finished OUT is left as it is.",
+    ),
+]
+ShardOpt = Annotated[
+    str,
+    typer.Option(
+        "--shard",
+        envvar="CVTOOL_SHARD",
+        help='K/N: do only shard K (0..N-1) of INPUT, e.g. "$JOB_COMPLETION_INDEX/8"; combine with `cvtool merge`.',
+        show_default="all of INPUT",
+    ),
 ]
 ModelArg = Annotated[
     str,
@@ -84,14 +102,18 @@ def reports_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from cvtool.jobs import signals_as_interrupts
+
         try:
-            code = func(*args, **kwargs)
+            with signals_as_interrupts():
+                code = func(*args, **kwargs)
         except CvtoolError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted; finished outputs were kept, unfinished ones discarded", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            name = "SIGTERM" if getattr(exc, "signum", None) == signal.SIGTERM else "SIGINT"
+            typer.echo(f"interrupted ({name}); finished outputs were kept", err=True)
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
         except MemoryError:
             typer.echo("error: out of memory; try a smaller --batch-size", err=True)
             raise typer.Exit(EXIT_UNUSABLE) from None
@@ -165,12 +187,25 @@ def predict(
     unsafe_load: UnsafeLoad = False,
     label_format: LabelFormat = "name",
     weights: ImagenetWeights = None,
+    resume: Resume = False,
+    shard: ShardOpt = "",
 ) -> int:
     """Classify every image under INPUT: one CSV row per image (path,label,score,label_2,score_2,...)."""
     from cvtool.predict import predict as run_predict
 
     result = run_predict(
-        model, input, out, top_k, batch_size, overwrite, quiet, unsafe_load, label_format=label_format, weights=weights
+        model,
+        input,
+        out,
+        top_k,
+        batch_size,
+        overwrite,
+        quiet,
+        unsafe_load,
+        label_format=label_format,
+        weights=weights,
+        resume=resume,
+        shard=shard,
     )
     _report(result.processed, result.failed, result.out, result.errors, quiet)
     return result.exit_code
@@ -323,6 +358,23 @@ def models_command(
     else:
         typer.echo(format_catalog(catalog))
     return 0
+
+
+@app.command()
+@reports_errors
+def merge(
+    out: Annotated[Path, typer.Argument(help="Combined CSV to write.", show_default=False)],
+    shards: Annotated[list[Path], typer.Argument(help="Shard CSVs (from --shard K/N runs).", show_default=False)],
+    partial: Annotated[bool, typer.Option("--partial", help="Merge even if some shards of K/N are missing.")] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> int:
+    """Combine shard CSVs (and their errors CSVs) into one, in input order; refuses duplicates and mixed models."""
+    from cvtool.merge import merge as run_merge
+
+    result = run_merge(out, shards, overwrite=overwrite, partial=partial)
+    _report(result.processed, result.failed, result.out, result.errors, quiet)
+    return result.exit_code
 
 
 def _report(processed: int, failed: int, out: Path, errors: Path, quiet: bool) -> None:

@@ -63,10 +63,16 @@ def split_dirs(root: Path) -> dict[str, Path]:
     return found
 
 
-def read_class_folders(folder: Path, class_names: list[str] | None = None) -> tuple[list[str], LabelledSet]:
-    """Read ``folder/<class>/**/image`` files. With ``class_names`` given, folders must be among them."""
-    class_dirs = {d.name: d for d in _subdirs(folder)}
-    per_class = {name: list_images(d) for name, d in class_dirs.items()}
+def read_class_folders(
+    folder: Path, class_names: list[str] | None = None, exclude: Path | None = None
+) -> tuple[list[str], LabelledSet]:
+    """Read ``folder/<class>/**/image`` files. With ``class_names`` given, folders must be among them.
+
+    ``exclude``: a folder to leave out (the command's own output folder, when it is inside ``folder``).
+    """
+    skip = exclude.resolve() if exclude is not None else None
+    class_dirs = {d.name: d for d in _subdirs(folder) if d.resolve() != skip}
+    per_class = {name: list_images(d, exclude) for name, d in class_dirs.items()}
     per_class = {name: items for name, items in per_class.items() if items}
     if class_names is None:
         class_names = sorted(per_class)

@@ -30,3 +30,12 @@ class UnusableError(CvtoolError):
 
 class ImageError(Exception):
     """One input file could not be read as an image; the batch goes on."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: stop cleanly, keep what was done; exit 128 + the signal number (130, 143)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum

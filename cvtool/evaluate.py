@@ -38,12 +38,13 @@ class EvalResult:
 
 
 def labelled_from_folder(
-    data: Path, class_names: list[str], split: str, wnids: list[str] | None = None
+    data: Path, class_names: list[str], split: str, wnids: list[str] | None = None, exclude: Path | None = None
 ) -> tuple[LabelledSet, str]:
     """The split to evaluate: ``auto`` takes test/, else validation/, else the whole folder.
 
     Class folders are named by class name or, for a model with WordNet ids
     (``imagenet:NAME``), by WordNet id as in ImageNet's own layout (``n01440764/``).
+    ``exclude`` (evaluate's own output folder, when inside DATA) is never read as data.
     """
     splits = split_dirs(data)
     if split == "auto":
@@ -58,11 +59,11 @@ def labelled_from_folder(
         chosen = splits[split]
     folder = chosen or data
     try:
-        _, labelled = read_class_folders(folder, class_names)
+        _, labelled = read_class_folders(folder, class_names, exclude)
     except UnusableError:
         if not wnids:
             raise
-        _, labelled = read_class_folders(folder, wnids)
+        _, labelled = read_class_folders(folder, wnids, exclude)
     return labelled, str(folder)
 
 
@@ -180,7 +181,7 @@ def evaluate(
         labelled, failures = labelled_from_csv(data, Path(labels), path_column, label_column, names, wnids)
         source = str(labels)
     else:
-        (labelled, source), failures = labelled_from_folder(data, names, split, wnids), []
+        (labelled, source), failures = labelled_from_folder(data, names, split, wnids, out_dir), []
     if len(labelled) == 0 and not failures:
         raise UsageError(f"no labelled images found in {source}")
     label_of = {id(item): label for item, label in zip(labelled.items, labelled.labels)}

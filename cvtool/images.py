@@ -39,20 +39,31 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_images(root: str | os.PathLike) -> list[InputItem]:
+def list_images(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[InputItem]:
     """All image files under ``root`` (recursive, sorted by relative path).
 
     ``root`` may also be a single file. Hidden files and folders (names that
     start with '.') are skipped. Symbolic links are listed as they are, so a
-    dangling link is reported as a bad input rather than silently dropped.
+    dangling link is reported as a bad input rather than silently dropped;
+    linked folders are followed, each real folder once (no symlink loops).
+    ``exclude`` is a folder to leave out: a command's own output folder when
+    the user points ``--out`` inside INPUT, so results are never read as inputs.
     """
     root = Path(root)
     if root.is_file() or (root.is_symlink() and not root.exists()):
         return [InputItem(root, root.name)]
     if not root.is_dir():
         raise UsageError(f"input not found: {root}")
-    items = []
+    items, seen = [], set()
+    if exclude is not None and Path(exclude).is_dir():
+        st = os.stat(exclude)
+        seen.add((st.st_dev, st.st_ino))
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a folder reached again through a symlink (or a loop)
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if name.startswith(".") or not is_image_name(name):
@@ -97,13 +108,18 @@ def open_rgb(path: str | os.PathLike, target_size: tuple[int, int] | None = None
                     f"image too large: {width}x{height} pixels is over the limit of {max_pixels()} "
                     "(set CVTOOL_MAX_PIXELS to raise it)"
                 )
-            orientation = _orientation(img)
-            if target_size is not None and img.format == "JPEG" and jpeg_draft_enabled():
+            # Reading EXIF may load the pixels (PNG, WebP) and a failed load leaves a blank image that
+            # loads "fine" the second time: so only JPEGs (whose EXIF sits in the header) read it first.
+            is_jpeg = img.format == "JPEG"
+            orientation = _orientation(img) if is_jpeg else None
+            if target_size is not None and is_jpeg and jpeg_draft_enabled():
                 h, w = target_size
                 if orientation in _SWAPS_AXES:
                     h, w = w, h
                 img.draft("RGB", (w, h))
             img.load()
+            if not is_jpeg:
+                orientation = _orientation(img)
             img = ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
             return _to_rgb(img)
     except ImageError:

@@ -8,6 +8,7 @@ so a killed run never leaves a file that looks finished but is not.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import tempfile
@@ -46,20 +47,60 @@ class CsvWriter:
 
     Used as a context manager: leaving the block normally commits, leaving it
     with an exception removes the partial file.
+
+    With ``partial`` (a fixed file name, e.g. ``preds.csv.part``) the writer is
+    resumable: leaving with an exception keeps the partial file, and ``resume``
+    reopens an existing one, keeping its complete rows (a line torn by a kill
+    is dropped). ``kept`` counts them and ``keys`` holds their first cells.
     """
 
-    def __init__(self, path: str | os.PathLike, header: Sequence[str]):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        header: Sequence[str],
+        partial: str | os.PathLike | None = None,
+        resume: bool = False,
+    ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = temp_path(self.path)
-        self._file = open(self.tmp, "w", newline="", encoding="utf-8")
-        self._csv = csv.writer(self._file)
-        self._csv.writerow(header)
-        self.rows = 0
+        self.keep_partial = partial is not None
+        self.tmp = Path(partial) if partial is not None else temp_path(self.path)
+        self.keys: set[str] = set()
+        self.kept = 0
+        if resume and self.tmp.exists() and self._recover(list(header)):
+            self._file = open(self.tmp, "a", newline="", encoding="utf-8")
+            self._csv = csv.writer(self._file)
+        else:
+            self._file = open(self.tmp, "w", newline="", encoding="utf-8")
+            self._csv = csv.writer(self._file)
+            self._csv.writerow(header)
+        self.rows = self.kept
+
+    def _recover(self, header: list[str]) -> bool:
+        """Keep the complete rows of an interrupted partial file; False if it holds nothing usable."""
+        with open(self.tmp, "rb+") as f:
+            data = f.read()
+            end = data.rfind(b"\n") + 1  # a kill can tear the last line: drop it
+            f.truncate(end)
+        reader = csv.reader(io.StringIO(data[:end].decode("utf-8", errors="replace"), newline=""))
+        first = next(reader, None)
+        if first is None:
+            return False
+        if first != header:
+            raise UsageError(f"{self.tmp} has other columns than this run would write; pass --overwrite to start over")
+        for row in reader:
+            if row:
+                self.keys.add(row[0])
+                self.kept += 1
+        return True
 
     def write(self, row: Iterable[Any]) -> None:
         self._csv.writerow(row)
         self.rows += 1
+
+    def flush(self) -> None:
+        """Hand written rows to the OS, so that they survive a kill of this process."""
+        self._file.flush()
 
     def commit(self) -> Path:
         self._file.flush()
@@ -67,6 +108,12 @@ class CsvWriter:
         self._file.close()
         os.replace(self.tmp, self.path)
         return self.path
+
+    def close(self) -> None:
+        """Close without committing, keeping a resumable partial file."""
+        if not self._file.closed:
+            self._file.flush()
+            self._file.close()
 
     def discard(self) -> None:
         if not self._file.closed:
@@ -79,8 +126,19 @@ class CsvWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.commit()
+        elif self.keep_partial:
+            self.close()
         else:
             self.discard()
+
+
+def count_rows(path: str | os.PathLike) -> int:
+    """Data rows of a CSV written by :class:`CsvWriter` (0 if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    with open(path, newline="", encoding="utf-8") as f:
+        return max(sum(1 for _ in csv.reader(f)) - 1, 0)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,24 +10,9 @@ import numpy as np
 from cvtool.batches import Batch, batched
 from cvtool.bundle import Classifier, load_classifier
 from cvtool.images import InputItem, list_images, load_image
-from cvtool.outputs import CsvWriter, check_writable, errors_path, format_score
+from cvtool.jobs import ERRORS_HEADER, BatchJob, RunResult, Shard, model_fingerprint  # noqa: F401 - re-exported
+from cvtool.outputs import format_score
 from cvtool.progress import Progress, warn
-
-ERRORS_HEADER = ("path", "error")
-
-
-@dataclass
-class RunResult:
-    """What a batch command did: rows written, inputs that failed, files written."""
-
-    processed: int
-    failed: int
-    out: Path
-    errors: Path
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.failed else 0
 
 
 def prediction_header(k: int) -> list[str]:
@@ -79,18 +63,21 @@ def predict(
     unsafe_load: bool = False,
     label_format: str = "name",
     weights: str | Path | None = None,
+    resume: bool = False,
+    shard: str | Shard | None = None,
 ) -> RunResult:
     """Write ``out`` (path,label,score,label_2,score_2,...) for every image under ``input``.
 
     Rows follow input order and are streamed to disk; bad files go to the
     errors CSV beside ``out`` and never stop the run. ``label_format`` (name,
-    wnid, both) and ``weights`` apply to ``imagenet:NAME`` models.
+    wnid, both) and ``weights`` apply to ``imagenet:NAME`` models. ``resume``
+    continues an interrupted run; ``shard`` ("K/N") does only this machine's
+    share of ``input``.
     """
     from cvtool.imagenet import check_label_format, label_names
 
     check_label_format(label_format)
-    out = check_writable(out, overwrite)
-    err_out = check_writable(errors_path(out), True)
+    job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard)
     items = list_images(input)
     if not items:
         warn(f"no images found in {input}")
@@ -100,16 +87,12 @@ def predict(
         classifier = load_classifier(model, unsafe=unsafe_load, weights=weights)
     k = resolve_top_k(top_k, classifier.num_classes)
     names = label_names(classifier.class_names, classifier.meta, label_format)
-    failed = processed = 0
-    with CsvWriter(out, prediction_header(k)) as rows, CsvWriter(err_out, ERRORS_HEADER) as errors:
-        with Progress(len(items), "predict", quiet) as progress:
-            for batch, probs in classify_batches(classifier, items, batch_size):
-                for f in batch.failures:
-                    errors.write([f.item.rel, f.reason])
-                    warn(f"{f.item.rel}: {f.reason}")
-                for item, p, idx in zip(batch.items, probs, top_k_indices(probs, k)):
-                    rows.write([item.rel, *prediction_cells(p, idx, names)])
-                failed += len(batch.failures)
-                processed += len(batch.items)
-                progress.update(len(batch.items) + len(batch.failures))
-    return RunResult(processed, failed, out, err_out)
+    todo = job.open(items, prediction_header(k), {"command": "predict", "model": model_fingerprint(classifier)})
+    with job, Progress(len(todo), "predict", quiet) as progress:
+        for batch, probs in classify_batches(classifier, todo, batch_size):
+            job.fail_all(batch.failures)
+            for item, p, idx in zip(batch.items, probs, top_k_indices(probs, k)):
+                job.write([item.rel, *prediction_cells(p, idx, names)])
+            job.flush()
+            progress.update(len(batch.items) + len(batch.failures))
+    return RunResult(job.processed, job.failed, job.out, job.errors)

@@ -1,0 +1,126 @@
+"""`cvtool merge`: shard CSVs (and their errors CSVs) combined into one, in input order.
+
+Each shard CSV written by a batch command has a sidecar (``preds.job.json``,
+see :mod:`cvtool.jobs`) that records the command, the model's fingerprint,
+the columns and the shard. Merging refuses shards made by different models or
+options, the same shard twice, an input present in two shards, and (unless
+``partial``) a missing shard of K/N. Rows are streamed, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from cvtool.errors import UnusableError, UsageError
+from cvtool.jobs import (
+    ERRORS_HEADER,
+    IDENTITY_KEYS,
+    SIDECAR_FORMAT,
+    RunResult,
+    parse_shard,
+    read_sidecar,
+    sidecar_path,
+)
+from cvtool.outputs import CsvWriter, check_writable, errors_path, write_json
+
+
+def _rows(path: Path, header: Sequence[str] | None, kind: int) -> Iterator[tuple[str, int, list[str]]]:
+    """(path cell, kind, row) for each row of ``path``, checking the file is in input order."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        first = next(reader, None)
+        if first is None or (header is not None and first != list(header)):
+            raise UnusableError(f"{path} does not have the columns its {sidecar_path(path).name} records")
+        last = None
+        for row in reader:
+            if not row:
+                continue
+            if last is not None and row[0] < last:
+                raise UnusableError(f"{path} is not in input order at {row[0]!r}; was it edited?")
+            last = row[0]
+            yield row[0], kind, row
+
+
+def merge(out: str | Path, shards: Sequence[str | Path], overwrite: bool = False, partial: bool = False) -> RunResult:
+    """Write ``out`` and its errors CSV from ``shards``; rows sorted by path as ``list_images`` orders them."""
+    out = Path(out)
+    shards = [Path(s) for s in shards]
+    if not shards:
+        raise UsageError("give at least one shard CSV to merge")
+    metas = []
+    for shard in shards:
+        if not shard.is_file():
+            raise UsageError(f"shard CSV not found: {shard}")
+        if shard.resolve() == out.resolve():
+            raise UsageError(f"{out} is also one of the shards; write the merge to another file")
+        meta = read_sidecar(shard)
+        if meta is None or meta.get("format") != SIDECAR_FORMAT or not isinstance(meta.get("header"), list):
+            raise UnusableError(
+                f"{shard} has no readable {sidecar_path(shard).name} beside it; only CSVs written by cvtool "
+                "(with the sidecar that records the model) can be merged"
+            )
+        metas.append(meta)
+    first = metas[0]
+    for shard, meta in zip(shards[1:], metas[1:]):
+        for key in IDENTITY_KEYS:
+            if meta.get(key) != first.get(key):
+                what = "model" if key == "model" else key
+                raise UnusableError(f"{shard} was made with a different {what} than {shards[0]}; refusing to merge")
+    _check_shard_set(shards, metas, partial)
+    check_writable(out, overwrite)
+    err_out = errors_path(out)
+    check_writable(err_out, True)
+    streams = []
+    for shard in shards:
+        streams.append(_rows(shard, first["header"], 0))
+        errs = errors_path(shard)
+        if errs.exists():
+            streams.append(_rows(errs, ERRORS_HEADER, 1))
+    processed = failed = 0
+    with CsvWriter(out, first["header"]) as rows, CsvWriter(err_out, ERRORS_HEADER) as errors:
+        previous = None
+        for key, kind, row in heapq.merge(*streams, key=lambda t: t[0]):
+            if key == previous:
+                raise UnusableError(f"{key!r} appears in more than one shard; refusing to merge duplicates")
+            previous = key
+            if kind == 0:
+                rows.write(row)
+                processed += 1
+            else:
+                errors.write(row)
+                failed += 1
+    write_json(
+        sidecar_path(out),
+        {
+            "format": SIDECAR_FORMAT,
+            **{key: first.get(key) for key in IDENTITY_KEYS},
+            "shard": None,
+            "merged_from": [str(s) for s in shards],
+            "inputs": processed + failed,
+            "cvtool": first.get("cvtool"),
+        },
+    )
+    return RunResult(processed, failed, out, err_out)
+
+
+def _check_shard_set(shards: list[Path], metas: list[dict], partial: bool) -> None:
+    seen: dict[str, Path] = {}
+    counts = set()
+    for shard, meta in zip(shards, metas):
+        spec = meta.get("shard")
+        if spec is None:
+            continue
+        if spec in seen:
+            raise UnusableError(f"{shard} and {seen[spec]} are both shard {spec}; refusing to merge duplicates")
+        seen[spec] = shard
+        counts.add(parse_shard(spec).count)
+    if len(counts) > 1:
+        raise UnusableError(f"the shards split the input in different ways ({', '.join(sorted(seen))})")
+    if counts and not partial:
+        n = counts.pop()
+        missing = [f"{k}/{n}" for k in range(n) if f"{k}/{n}" not in seen]
+        if missing:
+            raise UnusableError(f"shard {', '.join(missing)} missing; give every shard, or pass --partial")
