@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +278,21 @@ def test_output_folder_inside_input_is_not_read_back(trained_run, colour_data, t
     first = gradcam(trained_run, src, out, quiet=True, fmt="png")
     second = gradcam(trained_run, src, out, quiet=True, fmt="png", overwrite=True)
     assert first.processed == second.processed == 12
+
+
+def test_gradcam_help_does_not_import_tensorflow():
+    code = (
+        "import sys\n"
+        "from cvtool.cli import main\n"
+        "sys.argv = ['cvtool', 'gradcam', '--help']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print('TF_LOADED' if 'tensorflow' in sys.modules else 'TF_NOT_LOADED')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "TF_NOT_LOADED" in out.stdout and "--colormap" in out.stdout
 
 
 def test_output_names_keep_full_name_only_on_collision():
