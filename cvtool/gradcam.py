@@ -188,9 +188,10 @@ def gradcam(
                 for i, (item, future) in enumerate(zip(batch.items, futures)):
                     try:
                         written = future.result()
-                    except OSError as exc:
-                        errors.write([item.rel, f"cannot write output: {exc}"])
-                        warn(f"{item.rel}: cannot write output: {exc}")
+                    except Exception as exc:  # noqa: BLE001 - disk full, permissions, OpenCV: one input fails
+                        reason = f"cannot write output: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                        errors.write([item.rel, reason])
+                        warn(f"{item.rel}: {reason}")
                         failed += 1
                         continue
                     for c, s, name in zip(result.classes[i], result.scores[i], written):

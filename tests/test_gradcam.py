@@ -280,6 +280,19 @@ def test_output_folder_inside_input_is_not_read_back(trained_run, colour_data, t
     assert first.processed == second.processed == 12
 
 
+def test_an_output_that_cannot_be_written_fails_that_input_only(trained_run, colour_data, tmp_path):
+    from cvtool.gradcam import gradcam
+
+    out = tmp_path / "cams"
+    out.mkdir()
+    (out / "blue").write_text("a file where the blue/ output folder should go")
+    result = gradcam(trained_run, colour_data / "validation", out, quiet=True)
+    assert result.exit_code == 1 and result.failed == 12 and result.processed == 24
+    errors = read_csv(out / "errors.csv")
+    assert len(errors) == 12 and all(e["error"].startswith("cannot write output") for e in errors)
+    assert len(read_csv(out / "gradcam.csv")) == 24
+
+
 def test_gradcam_help_does_not_import_tensorflow():
     code = (
         "import sys\n"
