@@ -28,13 +28,14 @@ sys.path.insert(0, str(REPO))
 CLOTHING = Path("/work/shared/datasets/clothing-small/validation")
 
 
-def timed(fn, repeat: int) -> float:
-    """Best wall time of ``repeat`` runs (the least disturbed by other processes)."""
-    best = float("inf")
+def timed(fns: dict, repeat: int) -> dict:
+    """Best wall time of each function over ``repeat`` interleaved rounds (the least disturbed by other load)."""
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -83,10 +84,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", nargs="?", type=Path, default=CLOTHING if CLOTHING.exists() else None)
     parser.add_argument("--images", type=int, default=96, help="images timed per method")
+    parser.add_argument("--cookbook-images", type=int, default=32, help="images for the slow eager loop")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--arch", default="small-cnn,mobilenet_v2", help="comma list: small-cnn or a backbone name")
     parser.add_argument("--size", type=int, default=0, help="input side [default: 64 small-cnn, 128 others]")
-    parser.add_argument("--repeat", type=int, default=2, help="timed passes per method (best kept)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed rounds, methods interleaved (best kept)")
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -102,7 +104,8 @@ def main() -> None:
     names = sorted({i.rel.split("/")[0] for i in items}) if "/" in items[0].rel else ["a", "b", "c"]
     accel = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     print(f"# bench/gradcam.py: {platform.machine()}, {os.cpu_count()} cores, {accel}, TF {tf.__version__}")
-    print(f"# {len(items)} images from {folder}; batch {args.batch_size}; best of {args.repeat}")
+    print(f"# {len(items)} images from {folder}; batch {args.batch_size}; best of {args.repeat} interleaved rounds")
+    print(f"# load average at start: {os.getloadavg()[0]:.1f}")
 
     for arch in args.arch.split(","):
         size = args.size or (64 if arch == "small-cnn" else 128)
@@ -123,14 +126,22 @@ def main() -> None:
         batched()  # trace and warm up both shapes
         per_image()
         cookbook_loop(cams, images[:2])
-        t_batch = timed(batched, args.repeat)
-        t_one = timed(per_image, args.repeat)
-        t_cook = timed(lambda cams=cams, images=images: cookbook_loop(cams, images), args.repeat)
-        n = len(images)
+        times = timed(
+            {
+                "batched": batched,
+                "one": per_image,
+                "cook": lambda cams=cams, images=images[: args.cookbook_images]: cookbook_loop(cams, images),
+            },
+            args.repeat,
+        )
+        t_batch, t_one, t_cook = times["batched"], times["one"], times["cook"]
+        n, n_cook = len(images), min(len(images), args.cookbook_images)
         print(f"\n## {arch} at {size} px, target layer {cams.layer_name}")
         print(f"{'batched (batch ' + str(bs) + ')':<34} {n / t_batch:9.1f} images/s")
         print(f"{'per-image, same compiled fn':<34} {n / t_one:9.1f} images/s   batched is {t_one / t_batch:.2f}x")
-        print(f"{'per-image, eager cookbook loop':<34} {n / t_cook:9.1f} images/s   batched is {t_cook / t_batch:.2f}x")
+        cook_ratio = (t_cook / n_cook) / (t_batch / n)
+        print(f"{'per-image, eager cookbook loop':<34} {n_cook / t_cook:9.1f} images/s   batched is {cook_ratio:.2f}x")
+    print(f"\n# load average at end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
