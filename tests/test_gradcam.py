@@ -68,16 +68,13 @@ def nested_object_model(size: int = 32):
     return keras.Model(inputs, outputs)
 
 
-@pytest.fixture(scope="module")
-def object_run(tmp_path_factory):
-    """A nested-backbone model trained until it tells the object colours apart; its run dir and test images."""
+def train_object_model(root: Path) -> tuple[Path, Path, dict, float]:
+    """Train the nested-backbone model on generated object images; (run dir, test folder, boxes, test accuracy)."""
     import keras
 
     from cvtool.bundle import save_model, write_meta
-    from cvtool.data import discover  # noqa: F401 - the package imports cleanly
     from cvtool.images import list_images, load_image
 
-    root = tmp_path_factory.mktemp("objects")
     make_object_set(root / "train", per_class=80, seed=1)
     boxes = make_object_set(root / "test", per_class=15, seed=2)
     names = sorted(OBJECT_COLOURS)
@@ -91,11 +88,18 @@ def object_run(tmp_path_factory):
     x_test = np.stack([load_image(root / "test" / rel, (32, 32)) for rel in boxes]).astype(np.float32)
     y_test = np.array([names.index(rel.split("/")[0]) for rel in boxes])
     accuracy = float(np.mean(np.argmax(model.predict(x_test, verbose=0), axis=1) == y_test))
-    assert accuracy >= 0.9, f"the object model did not learn (accuracy {accuracy:.2f})"
     run = root / "run"
     save_model(model, run / "model.keras")
     write_meta(run, {"class_names": names, "image_size": [32, 32]})
-    return run, root / "test", boxes
+    return run, root / "test", boxes, accuracy
+
+
+@pytest.fixture(scope="module")
+def object_run(tmp_path_factory):
+    """A nested-backbone model trained until it tells the object colours apart; its run dir and test images."""
+    run, test_dir, boxes, accuracy = train_object_model(tmp_path_factory.mktemp("objects"))
+    assert accuracy >= 0.9, f"the object model did not learn (accuracy {accuracy:.2f})"
+    return run, test_dir, boxes
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "guided"])
