@@ -154,6 +154,12 @@ def test_batched_maps_equal_one_image_at_a_time_with_own_classes(object_run):
     # Different target classes give different maps for the same image.
     other = cams.compute(images[:1], [(classes[0] + 1) % 3])
     assert not np.allclose(other.maps[0], batch.maps[0], atol=1e-3)
+    # --top-k: ranks by probability, and each rank's map is that class's map.
+    top = cams.compute(images, top_k=2)
+    np.testing.assert_array_equal(top.classes, np.argsort(-batch.probs, axis=1, kind="stable")[:, :2])
+    for rank in range(2):
+        fixed = cams.compute(images, top.classes[:, rank])
+        np.testing.assert_allclose(top.maps[:, rank], fixed.maps[:, 0], atol=1e-4)
 
 
 def add_bad_files(folder: Path) -> None:
