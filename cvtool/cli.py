@@ -138,7 +138,7 @@ def train(
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 10,
     image_size: Annotated[
         Optional[int],
-        typer.Option(help="Square input side in pixels [default: 64 for small-cnn, else the network's own]"),
+        typer.Option(help="Square input side in pixels (default: 64 for small-cnn, else the network's own)"),
     ] = None,
     batch_size: BatchSize = 32,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
@@ -373,6 +373,68 @@ def merge(
     from cvtool.merge import merge as run_merge
 
     result = run_merge(out, shards, overwrite=overwrite, partial=partial)
+    _report(result.processed, result.failed, result.out, result.errors, quiet)
+    return result.exit_code
+
+
+@app.command()
+@reports_errors
+def gradcam(
+    model: ModelArg,
+    input: InputArg,
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for the pictures (mirroring INPUT), gradcam.csv, errors.csv.",
+            show_default=False,
+        ),
+    ],
+    class_name: Annotated[
+        Optional[str], typer.Option("--class", help="Explain this class for every image (default: top-1 class)")
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="One map per each of the top K classes.")] = 1,
+    layer: Annotated[
+        Optional[str],
+        typer.Option(help="Target layer name (or backbone/NAME) (default: last layer with a 4-D output)"),
+    ] = None,
+    method: Annotated[str, typer.Option(help="gradcam, gradcam++ or guided.")] = "gradcam",
+    colormap: Annotated[str, typer.Option(help="OpenCV colour map name (jet, viridis, inferno, turbo...).")] = "jet",
+    alpha: Annotated[float, typer.Option(help="Heatmap weight in the overlay, 0 to 1.")] = 0.5,
+    layout: Annotated[str, typer.Option(help="overlay, or panel (original | heatmap | overlay).")] = "overlay",
+    fmt: Annotated[str, typer.Option("--format", help="jpg or png.")] = "jpg",
+    save_heatmap: Annotated[
+        bool, typer.Option("--save-heatmap", help="Also write the map as 8-bit grayscale <name>.heatmap.png.")
+    ] = False,
+    npy: Annotated[bool, typer.Option("--npy", help="Also write the map as float32 <name>.heatmap.npy.")] = False,
+    batch_size: BatchSize = 32,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    unsafe_load: UnsafeLoad = False,
+) -> int:
+    """Grad-CAM heatmaps: where the model looked, as overlays at each input image's own size."""
+    from cvtool.gradcam import gradcam as run_gradcam
+
+    result = run_gradcam(
+        model,
+        input,
+        out,
+        layer=layer,
+        method=method,
+        class_name=class_name,
+        top_k=top_k,
+        colormap=colormap,
+        alpha=alpha,
+        layout=layout,
+        fmt=fmt,
+        save_heatmap=save_heatmap,
+        npy=npy,
+        batch_size=batch_size,
+        overwrite=overwrite,
+        quiet=quiet,
+        unsafe_load=unsafe_load,
+    )
     _report(result.processed, result.failed, result.out, result.errors, quiet)
     return result.exit_code
 

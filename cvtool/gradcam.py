@@ -1,0 +1,212 @@
+"""`cvtool gradcam`: heatmap overlays that show where a classifier looked, for every image under INPUT.
+
+Outputs mirror INPUT's relative paths under DIR: ``sub/img.jpg`` gives
+``DIR/sub/img.gradcam.jpg`` (``img.top2.gradcam.jpg`` ... with ``top_k`` > 1),
+optionally ``img.heatmap.png`` (8-bit grayscale at the input's size) and
+``img.heatmap.npy`` (float32 in [0, 1]); ``DIR/gradcam.csv`` indexes them
+(``path,class,score,output``) and ``DIR/errors.csv`` lists inputs that failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+
+from cvtool import heatmaps
+from cvtool.batches import batched, default_workers
+from cvtool.bundle import Classifier, load_classifier
+from cvtool.cam import CamModel, get_method
+from cvtool.errors import UsageError
+from cvtool.images import InputItem, list_images, open_rgb, resize
+from cvtool.outputs import CsvWriter, check_writable, format_score, write_bytes_atomic
+from cvtool.predict import ERRORS_HEADER, RunResult
+from cvtool.progress import Progress, info, warn
+
+INDEX_FILE = "gradcam.csv"
+ERRORS_FILE = "errors.csv"
+INDEX_HEADER = ("path", "class", "score", "output")
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How maps become files: colour map, heatmap weight, layout, format, extra raw outputs."""
+
+    cmap: int
+    alpha: float = 0.5
+    layout: str = "overlay"
+    fmt: str = "jpg"
+    save_heatmap: bool = False
+    npy: bool = False
+
+
+def output_bases(items: Sequence[InputItem]) -> dict[str, str]:
+    """Relative output name without suffixes per input: ``sub/img.jpg`` -> ``sub/img``.
+
+    Inputs that would collide (``a.jpg`` and ``a.png`` in one folder) keep
+    their full file name instead: ``sub/a.jpg``, ``sub/a.png``.
+    """
+    stems: dict[str, int] = {}
+    for item in items:
+        key = str(Path(item.rel).with_suffix(""))
+        stems[key] = stems.get(key, 0) + 1
+    bases = {}
+    for item in items:
+        key = str(Path(item.rel).with_suffix(""))
+        bases[item.rel] = Path(key).as_posix() if stems[key] == 1 else item.rel
+    return bases
+
+
+def output_names(base: str, rank: int, k: int, opts: Rendering) -> dict[str, str]:
+    """Relative names of the files written for one map (rank counts from 1)."""
+    stem = f"{base}.top{rank}" if k > 1 else base
+    names = {"image": f"{stem}.gradcam.{opts.fmt}"}
+    if opts.save_heatmap:
+        names["heatmap"] = f"{stem}.heatmap.png"
+    if opts.npy:
+        names["npy"] = f"{stem}.heatmap.npy"
+    return names
+
+
+def write_maps(
+    out_dir: Path,
+    base: str,
+    image: np.ndarray,
+    maps: np.ndarray,
+    labels: Sequence[str],
+    opts: Rendering,
+) -> list[str]:
+    """Render and write the K maps of one image; returns the overlay names (relative to ``out_dir``)."""
+    size = image.shape[:2]
+    written = []
+    for rank, (cam, label) in enumerate(zip(maps, labels), start=1):
+        names = output_names(base, rank, len(maps), opts)
+        heat = heatmaps.resize_map(cam, size)
+        picture = heatmaps.render(image, heat, label, opts.cmap, opts.alpha, opts.layout)
+        write_bytes_atomic(out_dir / names["image"], heatmaps.encode(picture, opts.fmt))
+        if opts.save_heatmap:
+            write_bytes_atomic(out_dir / names["heatmap"], heatmaps.encode_gray_png(heatmaps.to_gray(heat)))
+        if opts.npy:
+            buf = BytesIO()
+            np.save(buf, heat.astype(np.float32))
+            write_bytes_atomic(out_dir / names["npy"], buf.getvalue())
+        written.append(names["image"])
+    return written
+
+
+def _inputs_outside(items: list[InputItem], out_dir: Path) -> list[InputItem]:
+    """Leave out files under the output folder (DIR inside INPUT: a re-run must not read its own overlays)."""
+    root = out_dir.resolve()
+    return [item for item in items if root not in item.path.resolve().parents]
+
+
+def gradcam(
+    model: str | Path | Classifier,
+    input: str | Path,
+    out: str | Path,
+    *,
+    layer: str | None = None,
+    method: str = "gradcam",
+    class_name: str | None = None,
+    top_k: int = 1,
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    layout: str = "overlay",
+    fmt: str = "jpg",
+    save_heatmap: bool = False,
+    npy: bool = False,
+    batch_size: int = 32,
+    overwrite: bool = False,
+    quiet: bool = False,
+    unsafe_load: bool = False,
+) -> RunResult:
+    """Write a Grad-CAM picture per image (per target class) under ``out``, plus the index and errors CSVs.
+
+    Target class: each image's top-1 class, its ``top_k`` classes, or the fixed
+    ``class_name``. Pictures have the input image's own size.
+    """
+    opts = Rendering(heatmaps.check_options(colormap, alpha, layout, fmt), alpha, layout, fmt, save_heatmap, npy)
+    get_method(method)
+    if top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    if class_name is not None and top_k > 1:
+        raise UsageError("--class and --top-k > 1 cannot be combined: --class gives one map per image")
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file; give a folder")
+    index_path = check_writable(out_dir / INDEX_FILE, overwrite)
+    items = _inputs_outside(list_images(input), out_dir)
+    if not items:
+        warn(f"no images found in {input}")
+    classifier = model if isinstance(model, Classifier) else load_classifier(model, unsafe=unsafe_load)
+    names = classifier.class_names
+    fixed = None
+    if class_name is not None:
+        if class_name not in names:
+            raise UsageError(f"--class {class_name!r} is not one of the model's classes: {', '.join(names)}")
+        fixed = names.index(class_name)
+    cams = CamModel(classifier, layer, method)
+    info(f"target layer {cams.layer_name}, method {method}", quiet)
+    k = 1 if fixed is not None else min(top_k, classifier.num_classes)
+    bases = output_bases(items)
+    if not overwrite:
+        _refuse_existing(out_dir, bases, k, opts)
+
+    size = classifier.image_size
+
+    def decode(item: InputItem):
+        img = open_rgb(item.path)  # full size: the overlay keeps the input's size
+        return np.asarray(img, dtype=np.uint8), resize(img, size)
+
+    failed = processed = 0
+    with (
+        CsvWriter(index_path, INDEX_HEADER) as index,
+        CsvWriter(out_dir / ERRORS_FILE, ERRORS_HEADER) as errors,
+        Progress(len(items), "gradcam", quiet) as progress,
+        ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="cvtool-render") as pool,
+    ):
+        for batch in batched(items, decode, batch_size):
+            for f in batch.failures:
+                errors.write([f.item.rel, f.reason])
+                warn(f"{f.item.rel}: {f.reason}")
+            failed += len(batch.failures)
+            if batch.items:
+                inputs = np.stack([p[1] for p in batch.payloads])
+                classes = None if fixed is None else np.full((len(inputs), 1), fixed, np.int32)
+                result = cams.compute(inputs, classes, top_k=k)
+
+                def job(i: int, result=result, batch=batch):
+                    labels = [heatmaps.label_text(names[c], s) for c, s in zip(result.classes[i], result.scores[i])]
+                    base = bases[batch.items[i].rel]
+                    return write_maps(out_dir, base, batch.payloads[i][0], result.maps[i], labels, opts)
+
+                futures = [pool.submit(job, i) for i in range(len(batch.items))]
+                for i, (item, future) in enumerate(zip(batch.items, futures)):
+                    try:
+                        written = future.result()
+                    except Exception as exc:  # noqa: BLE001 - disk full, permissions, OpenCV: one input fails
+                        reason = f"cannot write output: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                        errors.write([item.rel, reason])
+                        warn(f"{item.rel}: {reason}")
+                        failed += 1
+                        continue
+                    for c, s, name in zip(result.classes[i], result.scores[i], written):
+                        index.write([item.rel, names[c], format_score(s), name])
+                    processed += 1
+            progress.update(len(batch.items) + len(batch.failures))
+    return RunResult(processed, failed, index_path, out_dir / ERRORS_FILE)
+
+
+def _refuse_existing(out_dir: Path, bases: dict[str, str], k: int, opts: Rendering) -> None:
+    for base in bases.values():
+        for rank in range(1, k + 1):
+            for name in output_names(base, rank, k, opts).values():
+                if (out_dir / name).exists():
+                    raise UsageError(f"{out_dir / name} already exists; pass --overwrite to replace it")
+
+
+__all__ = ["gradcam", "output_bases", "output_names", "write_maps", "Rendering", "INDEX_FILE", "ERRORS_FILE"]
