@@ -151,7 +151,9 @@ def train(
     arch: Annotated[
         str, typer.Option(help="small-cnn, mobilenet_v2, efficientnet_b0 or resnet50 (from scratch).")
     ] = "small-cnn",
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 10,
+    epochs: Annotated[
+        Optional[int], typer.Option(min=1, help="Training epochs (default: 10; with --resume, the run's own).")
+    ] = None,
     image_size: ImageSize = None,
     batch_size: BatchSize = 32,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
@@ -186,9 +188,11 @@ def train(
 
     augment = _augment(hflip, vflip, rotation, zoom, shift, shear, crop, contrast, brightness)
     cfg = TrainConfig(
-        arch, epochs, image_size, batch_size, lr, optimizer, seed, val_split, label_smoothing, augment,
+        arch, epochs or 10, image_size, batch_size, lr, optimizer, seed, val_split, label_smoothing, augment,
         checkpoint, monitor, patience, min_delta, class_weight, loop, deterministic, mixed_precision,
     )  # fmt: skip
+    if resume:  # the stored config is used; only --epochs can change
+        cfg = None if epochs is None else TrainConfig(epochs=epochs)
     result = run_train(data, out, cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
     return 1 if result.failures else 0
@@ -288,7 +292,12 @@ def finetune(
         ),
     ] = "imagenet",
     head_epochs: Annotated[int, typer.Option(min=0, help="Phase 1: epochs of the new head, backbone frozen.")] = 5,
-    epochs: Annotated[int, typer.Option(min=0, help="Phase 2: epochs with the top backbone layers unfrozen.")] = 5,
+    epochs: Annotated[
+        Optional[int],
+        typer.Option(
+            min=0, help="Phase 2: epochs with the top backbone layers unfrozen (default: 5; with --resume, the run's)."
+        ),
+    ] = None,
     lr: Annotated[float, typer.Option(help="Learning rate of phase 1 (the head).")] = 1e-3,
     fine_tune_lr: Annotated[
         Optional[float], typer.Option(help="Learning rate of phase 2 (default: --lr / 10).", show_default=False)
@@ -334,12 +343,15 @@ def finetune(
 
     augment = _augment(hflip, vflip, rotation, zoom, shift, shear, crop, contrast, brightness)
     cfg = FinetuneConfig(
-        arch=backbone, epochs=epochs, image_size=image_size, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        arch=backbone, epochs=5 if epochs is None else epochs, image_size=image_size, batch_size=batch_size, lr=lr,
+        optimizer=optimizer,
         seed=seed, val_split=val_split, label_smoothing=label_smoothing, augment=augment, checkpoint=checkpoint,
         monitor=monitor, patience=patience, min_delta=min_delta, class_weight=class_weight, loop=loop,
         deterministic=deterministic, mixed_precision=mixed_precision, head_epochs=head_epochs, weights=weights,
         dropout=dropout, unfreeze=unfreeze, unfreeze_fraction=unfreeze_fraction, fine_tune_lr=fine_tune_lr,
     )  # fmt: skip
+    if resume:  # the stored config is used; only --epochs can change
+        cfg = None if epochs is None else FinetuneConfig(epochs=epochs)
     result = run_finetune(data, out, cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
     return 1 if result.failures else 0

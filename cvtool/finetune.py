@@ -160,12 +160,15 @@ def finetune(
     quiet: bool = False,
     resume: bool = False,
 ) -> TrainResult:
-    """Fine-tune ``cfg.arch`` on the labelled folder ``data``; write the run directory ``out``."""
-    cfg = cfg or FinetuneConfig()
-    validate_finetune(cfg)
+    """Fine-tune ``cfg.arch`` on the labelled folder ``data``; write the run directory ``out``.
+
+    ``resume`` continues the run in ``out`` with its stored config; ``cfg`` (optional)
+    only sets the fine-tune phase's epochs.
+    """
     from cvtool.devices import distribution_strategy, seed_everything
 
-    run_dir, cfg, state = open_run(out, cfg, "finetune", overwrite, resume)
+    run_dir, cfg, state = open_run(out, cfg, FinetuneConfig, "finetune", overwrite, resume)
+    validate_finetune(cfg)
     total = cfg.head_epochs + (0 if cfg.is_hub else cfg.epochs)
     if state is not None and state["epoch"] >= total and state.get("phase") != HEAD_PHASE:
         raise UsageError(f"{run_dir} already ran {state['epoch']} epochs; pass a larger --epochs to continue")

@@ -101,6 +101,13 @@ def make_optimizer(name: str, lr: float):
     raise UsageError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
+def make_loss(label_smoothing: float = 0.0):
+    """Categorical cross-entropy on one-hot labels; targets become y * (1 - a) + a / classes."""
+    import keras
+
+    return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+
+
 def prepare_run_dir(out: str | Path, overwrite: bool) -> Path:
     run_dir = Path(out)
     if run_dir.exists() and not run_dir.is_dir():
@@ -118,9 +125,15 @@ def prepare_run_dir(out: str | Path, overwrite: bool) -> Path:
     return run_dir
 
 
-def open_run(out: str | Path, cfg: TrainConfig, kind: str, overwrite: bool, resume: bool):
-    """(run_dir, cfg, resume state or None). Resuming takes the stored config; only ``epochs`` may grow."""
+def open_run(out: str | Path, cfg: TrainConfig | None, cls: type, kind: str, overwrite: bool, resume: bool):
+    """(run_dir, cfg, resume state or None).
+
+    Resuming takes the run's stored config; only ``cfg.epochs`` (when ``cfg``
+    is given) replaces the stored number of epochs.
+    """
     if not resume:
+        cfg = cfg or cls()
+        validate(cfg)
         return prepare_run_dir(out, overwrite), cfg, None
     run_dir = Path(out)
     state = read_resume_point(run_dir)
@@ -128,8 +141,10 @@ def open_run(out: str | Path, cfg: TrainConfig, kind: str, overwrite: bool, resu
         raise UsageError(f"nothing to resume in {run_dir}: no {CHECKPOINT_DIR}/last.json (start it without --resume)")
     if state.get("kind") != kind:
         raise UsageError(f"{run_dir} is a {state.get('kind')} run; resume it with cvtool {state.get('kind')}")
-    stored = type(cfg).from_dict(state["config"])
-    stored.epochs = max(stored.epochs, cfg.epochs)
+    stored = cls.from_dict(state["config"])
+    if cfg is not None:
+        stored.epochs = cfg.epochs
+    validate(stored)
     return run_dir, stored, state
 
 
@@ -254,6 +269,9 @@ class Trainer:
         for key, cb in self.resume_point.stateful.items():
             cb.restore(state["callbacks"].get(key, {}))
         self.history.restore({}, self.epoch)
+        for path in (self.run_dir / CHECKPOINT_DIR).glob("epoch-*.keras"):
+            if int(path.name.split("-")[1]) > self.epoch:  # written after the resume point: a lost future
+                path.unlink(missing_ok=True)
 
     def load_resume_model(self, state: dict):
         """The model of the resume point, compiled, with its optimizer state."""
@@ -269,12 +287,10 @@ class Trainer:
             raise UnusableError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from None
 
     def compile(self, model, lr: float) -> None:
-        import keras
-
         with self.strategy.scope():
             model.compile(
                 optimizer=make_optimizer(self.cfg.optimizer, lr),
-                loss=keras.losses.CategoricalCrossentropy(label_smoothing=self.cfg.label_smoothing),
+                loss=make_loss(self.cfg.label_smoothing),
                 metrics=["accuracy"],
             )
 
@@ -413,14 +429,12 @@ def train(
     """Train ``cfg.arch`` on the labelled folder ``data``; write the run directory ``out``.
 
     ``resume``: continue the interrupted (or finished) run in ``out`` from its
-    last epoch, with its stored config; ``cfg.epochs`` may extend it.
+    last epoch, with its stored config; ``cfg`` (optional) only sets the epochs.
     """
-    cfg = cfg or TrainConfig()
-    validate(cfg)
     from cvtool.devices import distribution_strategy, seed_everything
     from cvtool.models import build_scratch, default_image_size
 
-    run_dir, cfg, state = open_run(out, cfg, "train", overwrite, resume)
+    run_dir, cfg, state = open_run(out, cfg, TrainConfig, "train", overwrite, resume)
     if cfg.epochs < 1:
         raise UsageError("--epochs must be at least 1")
     if state is not None and state["epoch"] >= cfg.epochs:
