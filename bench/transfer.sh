@@ -32,3 +32,9 @@ for w in "$WORK/backbone.weights.h5" none; do
   $PY -m cvtool finetune "$WORK/few" --out "$WORK/ft-$name" --backbone mobilenet_v2 --weights "$w" \
     --image-size "$SIZE" --head-epochs 10 --epochs 10 --batch-size 16 --unfreeze 30
 done
+# Second pair: a faster head (--lr 0.01; the fine-tune phase then runs at 0.001).
+for w in "$WORK/backbone.weights.h5" none; do
+  name=$([ "$w" = none ] && echo none || echo pretrained)
+  $PY -m cvtool finetune "$WORK/few" --out "$WORK/ft-$name-lr01" --backbone mobilenet_v2 --weights "$w" \
+    --image-size "$SIZE" --head-epochs 10 --epochs 10 --batch-size 16 --unfreeze 30 --lr 0.01
+done

@@ -45,16 +45,16 @@ def test_label_smoothing_changes_the_loss_as_expected():
 def test_custom_loop_learns_with_label_smoothing_and_writes_logs(colour_data, tmp_path):
     run = tmp_path / "run"
     args = ["train", str(colour_data), "--out", str(run), "--loop", "custom", "--label-smoothing", "0.1"]
-    args += ["--epochs", "3", "--image-size", "32", "--batch-size", "8", "--seed", "3", "--quiet"]
+    args += ["--epochs", "2", "--image-size", "32", "--batch-size", "8", "--seed", "3", "--quiet"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = read_history(run)
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert max(float(r["val_accuracy"]) for r in rows) >= 0.8  # chance is 1/3
     meta = json.loads((run / "cvtool.json").read_text())
     assert meta["config"]["label_smoothing"] == 0.1
     assert meta["config"]["loop"] == "custom"
-    assert meta["training"]["epochs_run"] == 3
+    assert meta["training"]["epochs_run"] == 2
     for split in ("train", "validation"):
         assert list((run / "logs" / split).glob("events.out.tfevents.*")), split
     assert (run / "history.png").stat().st_size > 0
