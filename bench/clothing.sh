@@ -2,6 +2,7 @@
 # clothing-small validation accuracy for `cvtool train` small-cnn at 64 px, without and with
 # label smoothing 0.1 (both runs in parallel). Usage: bench/clothing.sh [DATA] [WORK]
 # EPOCHS (default 8) and EXTRA (more options, e.g. augmentation) come from the environment.
+# The augmented run of bench/README.md: EXTRA='--zoom 0.1 --shift 0.1 --crop 0.1' (with --label-smoothing 0.1).
 set -euo pipefail
 DATA=${1:-/work/shared/datasets/clothing-small}
 WORK=${2:-/tmp/cvtool-clothing}
