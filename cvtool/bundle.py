@@ -35,6 +35,7 @@ class Classifier:
     image_size: tuple[int, int]  # (height, width)
     meta: dict = field(default_factory=dict)
     source: str = ""
+    features: Any = None  # a frozen feature extractor (hub backbone) run before ``model``, or None
     _forward: Any = field(default=None, repr=False)
 
     @property
@@ -46,9 +47,12 @@ class Classifier:
         import tensorflow as tf
 
         if self._forward is None:
+            if self.features is None:
+                forward = lambda x: self.model(x, training=False)  # noqa: E731
+            else:
+                forward = lambda x: self.model(self.features(x / 255.0), training=False)  # noqa: E731
             self._forward = tf.function(
-                lambda x: self.model(x, training=False),
-                input_signature=[tf.TensorSpec([None, *self.image_size, 3], tf.float32)],
+                forward, input_signature=[tf.TensorSpec([None, *self.image_size, 3], tf.float32)]
             )
         return np.asarray(self._forward(tf.convert_to_tensor(images, tf.float32)), dtype=np.float32)
 
@@ -148,6 +152,35 @@ def load_keras_model(path: str | os.PathLike, unsafe: bool = False):
         raise UnusableError(f"cannot load model {path}: {type(exc).__name__}: {_first_line(str(exc))}") from None
 
 
+HUB_DIR = "hub_model"
+
+
+def load_hub_model(handle: str | os.PathLike):
+    """A TF-Hub SavedModel (handle URL, or local folder) loaded with ``hub.load``: a callable on [0, 1] images."""
+    import tensorflow_hub as hub
+
+    try:
+        return hub.load(str(handle))
+    except Exception as exc:  # noqa: BLE001 - download errors, missing folder, not a SavedModel...
+        reason = _first_line(f"{type(exc).__name__}: {exc}")
+        raise UnusableError(
+            f"cannot load hub model {handle} ({reason}); offline, pass a local SavedModel folder "
+            "(hub:PATH) or set TFHUB_CACHE_DIR to a cache that holds it"
+        ) from None
+
+
+def hub_features(extractor, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Feature vectors [N, D] (float32) of uint8 RGB images [N, H, W, 3] through a hub feature extractor."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda x: extractor(x / 255.0))
+    out = [
+        np.asarray(forward(tf.convert_to_tensor(images[i : i + batch_size], tf.float32)), dtype=np.float32)
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
 def load_classifier(
     spec: str | os.PathLike, unsafe: bool = False, weights: str | os.PathLike | None = None
 ) -> Classifier:
@@ -157,6 +190,8 @@ def load_classifier(
     file without one gets class names ``"0".."C-1"`` and its input layer's size.
     ``imagenet:NAME`` is a ready-made keras.applications classifier (see
     :mod:`cvtool.imagenet`); ``weights`` is a local weights file for it.
+    A run fine-tuned on a hub backbone holds the hub SavedModel (``hub_model/``)
+    and a Keras head on its features; the classifier composes the two.
     """
     from cvtool import imagenet
 
@@ -167,6 +202,14 @@ def load_classifier(
     model_path, run_dir = resolve_model_path(spec)
     meta = read_meta(run_dir) if run_dir is not None else {}
     model = load_keras_model(model_path, unsafe=unsafe)
+    extractor = meta.get("feature_extractor") if meta else None
+    if extractor:
+        features = load_hub_model(run_dir / extractor.get("path", HUB_DIR))
+        class_names = list(meta["class_names"])
+        if tuple(model.outputs[0].shape)[-1] != len(class_names):
+            raise UnusableError(f"{run_dir / META_FILE} lists {len(class_names)} classes but the head disagrees")
+        size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
+        return Classifier(model, class_names, size, meta, str(spec), features=features)
     try:
         out_shape = tuple(model.outputs[0].shape)
         in_shape = tuple(model.inputs[0].shape)

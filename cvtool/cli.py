@@ -122,54 +122,118 @@ def reports_errors(func):
     return wrapper
 
 
+# Options shared by train and finetune.
+DataArg = Annotated[
+    Path,
+    typer.Argument(help="Labelled folder: DATA/<class>/ or DATA/train|validation|test/<class>/.", show_default=False),
+]
+RunOut = Annotated[Path, typer.Option("--out", "-o", help="Run directory to create.", show_default=False)]
+ImageSize = Annotated[
+    Optional[int],
+    typer.Option(help="Square input side in pixels (default: 64 for small-cnn, else the network's own)."),
+]
+Optimizer = Annotated[str, typer.Option(help="adam, rmsprop or sgd (momentum 0.9, Nesterov).")]
+Seed = Annotated[int, typer.Option(help="Seeds Python, NumPy and TensorFlow: split, shuffling, augmentation, weights.")]
+ValSplit = Annotated[float, typer.Option(help="Fraction held out per class when DATA has no validation/ folder.")]
+LabelSmoothing = Annotated[float, typer.Option(help="Label smoothing (0.1 is usual).")]
+Hflip = Annotated[bool, typer.Option("--hflip/--no-hflip", help="Random horizontal flips.")]
+Vflip = Annotated[bool, typer.Option("--vflip/--no-vflip", help="Random vertical flips.")]
+Rotation = Annotated[float, typer.Option(help="Random rotation, fraction of a full turn (0.05 = 18 degrees).")]
+Zoom = Annotated[float, typer.Option(help="Random zoom in/out, fraction.")]
+Shift = Annotated[float, typer.Option(help="Random shift, fraction of height/width.")]
+Shear = Annotated[float, typer.Option(help="Random shear intensity.")]
+Crop = Annotated[float, typer.Option(help="Random crop of up to this fraction of each side, resized back.")]
+Contrast = Annotated[float, typer.Option(help="Random contrast factor.")]
+Brightness = Annotated[float, typer.Option(help="Random brightness, fraction of the pixel range.")]
+Checkpoint = Annotated[
+    str,
+    typer.Option(
+        envvar="CVTOOL_CHECKPOINT",
+        help="RUN/checkpoints/: best (one file, the best epoch), every-epoch, or none. "
+        "The resume point (last-epoch-N.keras) is always kept.",
+    ),
+]
+Monitor = Annotated[
+    str, typer.Option(help="Metric that picks the best epoch and drives early stopping: val_loss, val_accuracy...")
+]
+Patience = Annotated[
+    int, typer.Option(min=0, help="Early stopping: epochs without improvement before stopping (0 = off).")
+]
+MinDelta = Annotated[float, typer.Option(help="Smallest change of --monitor that counts as an improvement.")]
+ClassWeight = Annotated[str, typer.Option(help="none, or balanced: weight classes by n / (classes * count).")]
+Loop = Annotated[
+    str, typer.Option(help="fit (model.fit) or custom (a tf.GradientTape step in tf.function), same callbacks.")
+]
+Deterministic = Annotated[bool, typer.Option("--deterministic", help="Turn on TensorFlow op determinism (slower).")]
+MixedPrecision = Annotated[
+    str, typer.Option(help="auto (on for GPUs with compute capability >= 7.0), on or off (mixed_float16).")
+]
+TrainResume = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the run in --out from its last epoch, with its stored config (a larger --epochs extends it).",
+    ),
+]
+
+
+def _augment(hflip, vflip, rotation, zoom, shift, shear, crop, contrast, brightness):
+    from cvtool.augment import AugmentConfig
+
+    return AugmentConfig(hflip, vflip, rotation, zoom, shift, shear, crop, contrast, brightness)
+
+
 @app.command()
 @reports_errors
 def train(
-    data: Annotated[
-        Path,
-        typer.Argument(
-            help="Labelled folder: DATA/<class>/ or DATA/train|validation|test/<class>/.", show_default=False
-        ),
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to create.", show_default=False)],
+    data: DataArg,
+    out: RunOut,
     arch: Annotated[
         str, typer.Option(help="small-cnn, mobilenet_v2, efficientnet_b0 or resnet50 (from scratch).")
     ] = "small-cnn",
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 10,
-    image_size: Annotated[
-        Optional[int],
-        typer.Option(help="Square input side in pixels (default: 64 for small-cnn, else the network's own)"),
+    epochs: Annotated[
+        Optional[int], typer.Option(min=1, help="Training epochs (default: 10; with --resume, the run's own).")
     ] = None,
+    image_size: ImageSize = None,
     batch_size: BatchSize = 32,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
-    optimizer: Annotated[str, typer.Option(help="adam, rmsprop or sgd (momentum 0.9, Nesterov).")] = "adam",
-    seed: Annotated[int, typer.Option(help="Seed for the split, shuffling, augmentation and weights.")] = 42,
-    val_split: Annotated[
-        float, typer.Option(help="Fraction held out per class when DATA has no validation/ folder.")
-    ] = 0.2,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing (0.1 is usual).")] = 0.0,
-    hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help="Random horizontal flips.")] = True,
-    vflip: Annotated[bool, typer.Option("--vflip/--no-vflip", help="Random vertical flips.")] = False,
-    rotation: Annotated[
-        float, typer.Option(help="Random rotation, fraction of a full turn (0.05 = 18 degrees).")
-    ] = 0.0,
-    zoom: Annotated[float, typer.Option(help="Random zoom in/out, fraction.")] = 0.0,
-    shift: Annotated[float, typer.Option(help="Random shift, fraction of height/width.")] = 0.0,
-    shear: Annotated[float, typer.Option(help="Random shear intensity.")] = 0.0,
-    crop: Annotated[float, typer.Option(help="Random crop of up to this fraction, resized back.")] = 0.0,
-    contrast: Annotated[float, typer.Option(help="Random contrast factor.")] = 0.0,
-    brightness: Annotated[float, typer.Option(help="Random brightness, fraction of the pixel range.")] = 0.0,
+    optimizer: Optimizer = "adam",
+    seed: Seed = 42,
+    val_split: ValSplit = 0.2,
+    label_smoothing: LabelSmoothing = 0.0,
+    hflip: Hflip = True,
+    vflip: Vflip = False,
+    rotation: Rotation = 0.0,
+    zoom: Zoom = 0.0,
+    shift: Shift = 0.0,
+    shear: Shear = 0.0,
+    crop: Crop = 0.0,
+    contrast: Contrast = 0.0,
+    brightness: Brightness = 0.0,
+    checkpoint: Checkpoint = "best",
+    monitor: Monitor = "val_loss",
+    patience: Patience = 0,
+    min_delta: MinDelta = 0.0,
+    class_weight: ClassWeight = "none",
+    loop: Loop = "fit",
+    deterministic: Deterministic = False,
+    mixed_precision: MixedPrecision = "auto",
+    resume: TrainResume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> int:
-    """Train a classifier from scratch; writes model.keras, cvtool.json, history.csv/png into --out."""
-    from cvtool.augment import AugmentConfig
+    """Train a classifier from scratch; writes model.keras, cvtool.json, history, checkpoints/, logs/ into --out."""
     from cvtool.train import TrainConfig
     from cvtool.train import train as run_train
 
-    augment = AugmentConfig(hflip, vflip, rotation, zoom, shift, shear, crop, contrast, brightness)
-    cfg = TrainConfig(arch, epochs, image_size, batch_size, lr, optimizer, seed, val_split, label_smoothing, augment)
-    result = run_train(data, out, cfg, overwrite=overwrite, quiet=quiet)
+    augment = _augment(hflip, vflip, rotation, zoom, shift, shear, crop, contrast, brightness)
+    cfg = TrainConfig(
+        arch, epochs or 10, image_size, batch_size, lr, optimizer, seed, val_split, label_smoothing, augment,
+        checkpoint, monitor, patience, min_delta, class_weight, loop, deterministic, mixed_precision,
+    )  # fmt: skip
+    if resume:  # the stored config is used; only --epochs can change
+        cfg = None if epochs is None else TrainConfig(epochs=epochs)
+    result = run_train(data, out, cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
     return 1 if result.failures else 0
 
@@ -437,6 +501,92 @@ def gradcam(
     )
     _report(result.processed, result.failed, result.out, result.errors, quiet)
     return result.exit_code
+
+
+@app.command()
+@reports_errors
+def finetune(
+    data: DataArg,
+    out: RunOut,
+    backbone: Annotated[
+        str,
+        typer.Option(
+            help="mobilenet_v2, mobilenet_v3_small/large, efficientnet_b0..b3, efficientnetv2_b0, resnet50, vgg16, "
+            "inception_v3, xception, convnext_tiny; or hub:HANDLE_OR_PATH, a TF-Hub image feature vector used as a "
+            "frozen feature extractor (Keras 3 cannot train hub.KerasLayer: only the head is trained).",
+        ),
+    ] = "mobilenet_v2",
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="imagenet (downloaded and cached the Keras way), none (random), or PATH to a weights file of "
+            "the backbone without its top (offline machines).",
+        ),
+    ] = "imagenet",
+    head_epochs: Annotated[int, typer.Option(min=0, help="Phase 1: epochs of the new head, backbone frozen.")] = 5,
+    epochs: Annotated[
+        Optional[int],
+        typer.Option(
+            min=0, help="Phase 2: epochs with the top backbone layers unfrozen (default: 5; with --resume, the run's)."
+        ),
+    ] = None,
+    lr: Annotated[float, typer.Option(help="Learning rate of phase 1 (the head).")] = 1e-3,
+    fine_tune_lr: Annotated[
+        Optional[float], typer.Option(help="Learning rate of phase 2 (default: --lr / 10).", show_default=False)
+    ] = None,
+    unfreeze: Annotated[
+        Optional[int],
+        typer.Option(help="Phase 2 unfreezes the top N backbone layers (default: use --unfreeze-fraction)."),
+    ] = None,
+    unfreeze_fraction: Annotated[float, typer.Option(help="Phase 2 unfreezes this top fraction of layers.")] = 0.25,
+    dropout: Annotated[float, typer.Option(help="Dropout before the softmax head.")] = 0.2,
+    image_size: Annotated[
+        Optional[int], typer.Option(help="Square input side in pixels (default: the backbone's own; 224 for hub).")
+    ] = None,
+    batch_size: BatchSize = 32,
+    optimizer: Optimizer = "adam",
+    seed: Seed = 42,
+    val_split: ValSplit = 0.2,
+    label_smoothing: LabelSmoothing = 0.0,
+    hflip: Hflip = True,
+    vflip: Vflip = False,
+    rotation: Rotation = 0.0,
+    zoom: Zoom = 0.0,
+    shift: Shift = 0.0,
+    shear: Shear = 0.0,
+    crop: Crop = 0.0,
+    contrast: Contrast = 0.0,
+    brightness: Brightness = 0.0,
+    checkpoint: Checkpoint = "best",
+    monitor: Monitor = "val_loss",
+    patience: Patience = 0,
+    min_delta: MinDelta = 0.0,
+    class_weight: ClassWeight = "none",
+    loop: Loop = "fit",
+    deterministic: Deterministic = False,
+    mixed_precision: MixedPrecision = "auto",
+    resume: TrainResume = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> int:
+    """Transfer learning: train a new head on a frozen pretrained backbone, then fine-tune its top layers."""
+    from cvtool.finetune import FinetuneConfig
+    from cvtool.finetune import finetune as run_finetune
+
+    augment = _augment(hflip, vflip, rotation, zoom, shift, shear, crop, contrast, brightness)
+    cfg = FinetuneConfig(
+        arch=backbone, epochs=5 if epochs is None else epochs, image_size=image_size, batch_size=batch_size, lr=lr,
+        optimizer=optimizer,
+        seed=seed, val_split=val_split, label_smoothing=label_smoothing, augment=augment, checkpoint=checkpoint,
+        monitor=monitor, patience=patience, min_delta=min_delta, class_weight=class_weight, loop=loop,
+        deterministic=deterministic, mixed_precision=mixed_precision, head_epochs=head_epochs, weights=weights,
+        dropout=dropout, unfreeze=unfreeze, unfreeze_fraction=unfreeze_fraction, fine_tune_lr=fine_tune_lr,
+    )  # fmt: skip
+    if resume:  # the stored config is used; only --epochs can change
+        cfg = None if epochs is None else FinetuneConfig(epochs=epochs)
+    result = run_finetune(data, out, cfg, overwrite=overwrite, quiet=quiet, resume=resume)
+    typer.echo(f"model saved to {result.run_dir}")
+    return 1 if result.failures else 0
 
 
 def _report(processed: int, failed: int, out: Path, errors: Path, quiet: bool) -> None:

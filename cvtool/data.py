@@ -193,16 +193,21 @@ def training_dataset(
     seed: int,
     augment=None,
     num_classes: int | None = None,
+    class_weights=None,
 ):
     """tf.data over a decoded split: shuffled indices -> batch gather -> augmentation -> prefetch.
 
     Labels are one-hot when ``num_classes`` is given (needed for label smoothing).
+    With ``class_weights`` (one weight per class) batches are (x, y, sample_weight).
+    ``decoded.images`` may also hold feature vectors [N, D] (hub backbones).
     """
     import tensorflow as tf
 
     images, labels = decoded.images, decoded.labels
     n = len(labels)
-    h, w = images.shape[1:3]
+    shape = [None, *images.shape[1:]]
+    in_dtype = tf.as_dtype(images.dtype)
+    weights = None if class_weights is None else tf.constant(np.asarray(class_weights, np.float32))
     ds = tf.data.Dataset.range(n)
     if shuffle:
         ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
@@ -213,14 +218,15 @@ def training_dataset(
         return images[order], labels[order]
 
     def load(idx):
-        x, y = tf.numpy_function(gather, [idx], [tf.uint8, tf.int32], stateful=False)
-        x = tf.ensure_shape(tf.cast(x, tf.float32), [None, h, w, 3])
+        x, y = tf.numpy_function(gather, [idx], [in_dtype, tf.int32], stateful=False)
+        x = tf.ensure_shape(tf.cast(x, tf.float32), shape)
         y = tf.ensure_shape(y, [None])
+        w = None if weights is None else tf.gather(weights, y)
         if num_classes is not None:
             y = tf.one_hot(y, num_classes)
-        return x, y
+        return (x, y) if w is None else (x, y, w)
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     if augment is not None:
-        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda x, *rest: (augment(x, training=True), *rest), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

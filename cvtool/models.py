@@ -106,13 +106,18 @@ def backbone_classifier(
     image_size: tuple[int, int],
     weights: str | None = None,
     dropout: float = 0.2,
+    backbone_training: bool | None = None,
 ) -> keras.Model:
-    """Input -> Preprocess -> backbone (nested model named 'backbone') -> pooling -> dropout -> softmax."""
+    """Input -> Preprocess -> backbone (nested model named 'backbone') -> pooling -> dropout -> softmax.
+
+    ``backbone_training=False`` calls the backbone in inference mode for good
+    (fine-tuning: its BatchNormalization layers never use batch statistics).
+    """
     net = backbone.build(image_size, weights=weights)
     net.name = "backbone"
     inputs = image_input(image_size)
     x = Preprocess(backbone.preprocess, name="preprocess")(inputs)
-    x = net(x)
+    x = net(x) if backbone_training is None else net(x, training=backbone_training)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     outputs = classifier_head(x, num_classes)

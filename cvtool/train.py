@@ -1,11 +1,15 @@
-"""`cvtool train`: a classifier trained from scratch into a run directory."""
+"""`cvtool train`: a classifier trained from scratch into a run directory.
+
+The machinery here (:func:`open_run`, :func:`load_data`, :class:`Trainer`,
+:func:`write_run_meta`) is shared with `cvtool finetune`: one data cache,
+one set of callbacks, one way of writing and resuming a run directory.
+"""
 
 from __future__ import annotations
 
 import math
-import sys
-import time
-from dataclasses import asdict, dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +17,31 @@ import numpy as np
 import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
 from cvtool.augment import AugmentConfig, build_augmenter
 from cvtool.batches import Failure
-from cvtool.bundle import META_FILE, MODEL_FILE, save_model, write_meta
+from cvtool.bundle import META_FILE, MODEL_FILE, write_meta
+from cvtool.callbacks import (  # noqa: F401 - re-exported: the callbacks used to live here
+    CHECKPOINT_DIR,
+    CHECKPOINT_POLICIES,
+    HISTORY_FILE,
+    LOG_DIR,
+    MONITORS,
+    BestModelSaver,
+    Checkpointer,
+    EarlyStopper,
+    EpochLogger,
+    HistoryWriter,
+    MonitorTracker,
+    RecalibrateBatchNorm,
+    ResumePoint,
+    read_resume_point,
+    tensorboard,
+)
 from cvtool.errors import UnusableError, UsageError
 from cvtool.outputs import write_csv
 from cvtool.progress import info, warn
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
-HISTORY_FILE = "history.csv"
+LOOPS = ("fit", "custom")
+CLASS_WEIGHTS = ("none", "balanced")
 ERRORS_FILE = "errors.csv"
 
 
@@ -37,9 +59,26 @@ class TrainConfig:
     val_split: float = 0.2
     label_smoothing: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    checkpoint: str = "best"  # best | every-epoch | none
+    monitor: str = "val_loss"
+    patience: int = 0  # early stopping; 0 = off
+    min_delta: float = 0.0
+    class_weight: str = "none"  # none | balanced
+    loop: str = "fit"  # fit | custom
+    deterministic: bool = False
+    mixed_precision: str = "auto"  # auto | on | off
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """The config stored in a run (unknown keys ignored, missing ones default)."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        if isinstance(values.get("augment"), dict):
+            values["augment"] = AugmentConfig(**values["augment"])
+        return cls(**values)
 
 
 @dataclass
@@ -47,6 +86,7 @@ class TrainResult:
     run_dir: Path
     metrics: dict
     failures: list[Failure]
+    model: object = None  # the trained Keras model (best weights restored when early stopping)
 
 
 def make_optimizer(name: str, lr: float):
@@ -61,20 +101,56 @@ def make_optimizer(name: str, lr: float):
     raise UsageError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
+def make_loss(label_smoothing: float = 0.0):
+    """Categorical cross-entropy on one-hot labels; targets become y * (1 - a) + a / classes."""
+    import keras
+
+    return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+
+
 def prepare_run_dir(out: str | Path, overwrite: bool) -> Path:
     run_dir = Path(out)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file; give a folder for the run")
-    if (run_dir / MODEL_FILE).exists() or (run_dir / META_FILE).exists():
+    if (run_dir / MODEL_FILE).exists() or (run_dir / META_FILE).exists() or read_resume_point(run_dir):
         if not overwrite:
-            raise UsageError(f"{run_dir} already holds a trained model; pass --overwrite to replace it")
+            raise UsageError(
+                f"{run_dir} already holds a trained or interrupted run; pass --resume to continue it "
+                "or --overwrite to replace it"
+            )
+        for sub in (CHECKPOINT_DIR, LOG_DIR):
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+        (run_dir / HISTORY_FILE).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
+def open_run(out: str | Path, cfg: TrainConfig | None, cls: type, kind: str, overwrite: bool, resume: bool):
+    """(run_dir, cfg, resume state or None).
+
+    Resuming takes the run's stored config; only ``cfg.epochs`` (when ``cfg``
+    is given) replaces the stored number of epochs.
+    """
+    if not resume:
+        cfg = cfg or cls()
+        validate(cfg)
+        return prepare_run_dir(out, overwrite), cfg, None
+    run_dir = Path(out)
+    state = read_resume_point(run_dir)
+    if state is None:
+        raise UsageError(f"nothing to resume in {run_dir}: no {CHECKPOINT_DIR}/last.json (start it without --resume)")
+    if state.get("kind") != kind:
+        raise UsageError(f"{run_dir} is a {state.get('kind')} run; resume it with cvtool {state.get('kind')}")
+    stored = cls.from_dict(state["config"])
+    if cfg is not None:
+        stored.epochs = cfg.epochs
+    validate(stored)
+    return run_dir, stored, state
+
+
 def validate(cfg: TrainConfig) -> None:
-    if cfg.epochs < 1:
-        raise UsageError("--epochs must be at least 1")
+    if cfg.epochs < 0:
+        raise UsageError("--epochs must not be negative")
     if cfg.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     if cfg.lr <= 0:
@@ -83,30 +159,58 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--image-size must be at least 8")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise UsageError("--label-smoothing must be in [0, 1)")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UsageError(f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    for value, allowed, option in (
+        (cfg.optimizer, OPTIMIZERS, "--optimizer"),
+        (cfg.checkpoint, CHECKPOINT_POLICIES, "--checkpoint"),
+        (cfg.monitor, MONITORS, "--monitor"),
+        (cfg.class_weight, CLASS_WEIGHTS, "--class-weight"),
+        (cfg.loop, LOOPS, "--loop"),
+        (cfg.mixed_precision, ("auto", "on", "off"), "--mixed-precision"),
+    ):
+        if value not in allowed:
+            raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+    if cfg.patience < 0:
+        raise UsageError("--patience must not be negative")
 
 
-def train(
-    data: str | Path, out: str | Path, cfg: TrainConfig | None = None, overwrite: bool = False, quiet: bool = False
-) -> TrainResult:
-    """Train ``cfg.arch`` on the labelled folder ``data``; write the run directory ``out``."""
-    cfg = cfg or TrainConfig()
-    validate(cfg)
-    from cvtool.data import decode_set, discover, training_dataset
-    from cvtool.models import build_scratch, default_image_size
+@dataclass
+class TrainingData:
+    """Decoded train/validation splits and what is derived from them."""
+
+    splits: object
+    train_set: object  # data.DecodedSet
+    val_set: object
+    image_size: tuple[int, int]
+    failures: list[Failure]
+    class_weights: np.ndarray | None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.splits.class_names)
+
+    @property
+    def has_val(self) -> bool:
+        return len(self.val_set.labels) > 0
+
+
+def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """n / (classes * count): each class contributes equally to the loss (scikit-learn's "balanced")."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.ones(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights.astype(np.float32)
+
+
+def load_data(data: str | Path, cfg: TrainConfig, run_dir: Path, side: int, quiet: bool) -> TrainingData:
+    """Find the splits, decode each once (the cache), write errors.csv, derive class weights."""
+    from cvtool.data import decode_set, discover
 
     splits = discover(data, cfg.val_split, cfg.seed)
-    run_dir = prepare_run_dir(out, overwrite)
-    side = cfg.image_size or default_image_size(cfg.arch)
     image_size = (side, side)
-
-    import keras
-
-    keras.utils.set_random_seed(cfg.seed)
     info(
-        f"training {cfg.arch} at {side}x{side} on {len(splits.train)} images, validating on "
-        f"{len(splits.validation)}; classes: {', '.join(splits.class_names)}",
+        f"{len(splits.train)} training images, {len(splits.validation)} validation, at {side}x{side}; "
+        f"classes: {', '.join(splits.class_names)}",
         quiet,
     )
     train_set = decode_set(splits.train, image_size, "decoding train", quiet, cache_dir=run_dir)
@@ -117,177 +221,253 @@ def train(
         warn(f"skipped {f.item.rel}: {f.reason}")
     if len(train_set.labels) == 0:
         raise UnusableError(f"no readable training images in {data}")
+    weights = None
+    if cfg.class_weight == "balanced":
+        weights = balanced_class_weights(train_set.labels, len(splits.class_names))
+        info("class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(splits.class_names, weights)), quiet)
+    return TrainingData(splits, train_set, val_set, image_size, failures, weights)
 
-    num_classes = len(splits.class_names)
-    model = build_scratch(cfg.arch, num_classes, image_size)
-    model.compile(
-        optimizer=make_optimizer(cfg.optimizer, cfg.lr),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-        metrics=["accuracy"],
-    )
-    augmenter = build_augmenter(cfg.augment, image_size, cfg.seed)
-    train_ds = training_dataset(train_set, cfg.batch_size, True, cfg.seed, augmenter, num_classes)
-    has_val = len(val_set.labels) > 0
-    val_ds = training_dataset(val_set, cfg.batch_size, False, cfg.seed, None, num_classes) if has_val else None
-    monitor = "val_loss" if has_val else "loss"
 
-    best = BestModelSaver(run_dir / MODEL_FILE, monitor)
-    calibration = training_dataset(train_set, cfg.batch_size, True, cfg.seed + 1, None, num_classes)
-    callbacks = [
-        RecalibrateBatchNorm(calibration, steps_per_epoch=math.ceil(len(train_set.labels) / cfg.batch_size)),
-        best,
-        HistoryWriter(run_dir),
-        EpochLogger(cfg.epochs, quiet),
-    ]
-    model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=0, shuffle=False)
+class Trainer:
+    """Runs epochs of a model on :class:`TrainingData` into a run directory, with every callback.
 
-    metrics = {
-        "monitor": monitor,
-        "best_epoch": best.best_epoch,
-        **{k: float(v) for k, v in best.best_logs.items()},
-    }
+    The same callback objects serve every :meth:`fit` call (finetune's two
+    phases) and both loops, so model.keras is the best epoch of the whole run,
+    history.csv has one row per epoch and the resume point follows along.
+    """
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, data: TrainingData, kind: str, quiet: bool, strategy):
+        self.run_dir, self.cfg, self.data, self.kind, self.quiet = run_dir, cfg, data, kind, quiet
+        self.strategy = strategy
+        monitor = cfg.monitor
+        if monitor.startswith("val_") and not data.has_val:
+            monitor = monitor[len("val_") :]
+            warn(f"no validation images: monitoring {monitor} instead of {cfg.monitor}")
+        self.monitor = monitor
+        self.tracker = MonitorTracker(monitor, cfg.min_delta)
+        self.saver = BestModelSaver(run_dir / MODEL_FILE, self.tracker)
+        loss_key = "val_loss" if data.has_val else "loss"
+        self.checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, cfg.checkpoint, self.tracker, loss_key)
+        self.stopper = EarlyStopper(cfg.patience, self.saver)
+        self.history = HistoryWriter(run_dir)
+        self.resume_point = ResumePoint(
+            run_dir / CHECKPOINT_DIR,
+            {"best": self.saver, "checkpoint": self.checkpointer, "early_stopping": self.stopper},
+            {"kind": kind, "config": cfg.to_dict()},
+        )
+        self.logger = EpochLogger(self._total_epochs(), quiet)
+        self.epoch = 0  # epochs completed
+        self.phase: str | None = None
+
+    def _total_epochs(self) -> int:
+        return self.cfg.epochs
+
+    def restore(self, state: dict) -> None:
+        """Continue after ``state`` (a resume point): callbacks' state, history rows, epoch counter."""
+        self.epoch = int(state["epoch"])
+        self.phase = state.get("phase")
+        for key, cb in self.resume_point.stateful.items():
+            cb.restore(state["callbacks"].get(key, {}))
+        self.history.restore({}, self.epoch)
+        for path in (self.run_dir / CHECKPOINT_DIR).glob("epoch-*.keras"):
+            if int(path.name.split("-")[1]) > self.epoch:  # written after the resume point: a lost future
+                path.unlink(missing_ok=True)
+
+    def load_resume_model(self, state: dict):
+        """The model of the resume point, compiled, with its optimizer state."""
+        import keras
+
+        import cvtool.layers  # noqa: F401 - registers cvtool's layers
+
+        path = self.run_dir / CHECKPOINT_DIR / state["model"]
+        try:
+            with self.strategy.scope():
+                return keras.models.load_model(path, compile=True)
+        except Exception as exc:  # noqa: BLE001 - one-line error
+            raise UnusableError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from None
+
+    def compile(self, model, lr: float) -> None:
+        with self.strategy.scope():
+            model.compile(
+                optimizer=make_optimizer(self.cfg.optimizer, lr),
+                loss=make_loss(self.cfg.label_smoothing),
+                metrics=["accuracy"],
+            )
+
+    def datasets(self, augment: bool = True):
+        """(train, validation or None, calibration) tf.data pipelines."""
+        from cvtool.data import training_dataset
+
+        cfg, data = self.cfg, self.data
+        batch = cfg.batch_size * self.strategy.num_replicas_in_sync
+        augmenter = build_augmenter(cfg.augment, data.image_size, cfg.seed) if augment else None
+        n = data.num_classes
+        train_ds = training_dataset(data.train_set, batch, True, cfg.seed, augmenter, n, data.class_weights)
+        val_ds = training_dataset(data.val_set, batch, False, cfg.seed, None, n) if data.has_val else None
+        calibration = training_dataset(data.train_set, batch, True, cfg.seed + 1, None, n)
+        return train_ds, val_ds, calibration
+
+    def fit(self, model, until: int, phase: str | None = None, augment: bool = True) -> None:
+        """Train ``model`` (compiled) from the current epoch up to epoch ``until`` (1-based, inclusive)."""
+        if until <= self.epoch:
+            return
+        train_ds, val_ds, calibration = self.datasets(augment)
+        steps = math.ceil(len(self.data.train_set.labels) / (self.cfg.batch_size * self.strategy.num_replicas_in_sync))
+        if phase != self.phase:
+            self.stopper.wait = 0
+            self.phase = phase
+        if phase is not None:
+            trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
+            self.history.extra = {"phase": phase, "trainable_params": trainable}
+            self.resume_point.info["phase"] = phase
+        callbacks = [
+            RecalibrateBatchNorm(calibration, steps_per_epoch=steps),
+            self.history,
+            self.saver,
+            self.checkpointer,
+            self.stopper,
+            tensorboard(self.run_dir),
+            self.logger,
+            self.resume_point,
+        ]
+        if self.cfg.loop == "custom":
+            from cvtool.loop import custom_fit
+
+            custom_fit(
+                model,
+                train_ds,
+                val_ds,
+                until,
+                self.epoch,
+                callbacks,
+                steps,
+                self.cfg.label_smoothing,
+                self.strategy,
+            )
+        else:
+            model.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=until,
+                initial_epoch=self.epoch,
+                callbacks=callbacks,
+                verbose=0,
+                shuffle=False,
+            )
+        self.epoch = self.stopper.last_epoch
+
+    def metrics(self) -> dict:
+        return {"monitor": self.monitor, "best_epoch": self.saver.best_epoch, **self.saver.best_logs}
+
+
+def write_run_meta(
+    trainer: Trainer, data_root: str | Path, extra: dict, mixed: bool, preprocessing="built into the model"
+) -> dict:
+    """cvtool.json for a finished (or resumed and finished) run; history.png beside it."""
+    data = trainer.data
     meta = {
         "task": "classification",
         "model_file": MODEL_FILE,
-        "class_names": splits.class_names,
-        "image_size": list(image_size),
+        "class_names": data.splits.class_names,
+        "image_size": list(data.image_size),
         "input": {"color": "RGB", "range": [0, 255], "resize": "bilinear", "exif_orientation": "applied"},
-        "preprocessing": "built into the model",
-        "arch": cfg.arch,
-        "backbone": None if cfg.arch == "small-cnn" else cfg.arch,
-        "config": cfg.to_dict(),
-        "data": {
-            "root": str(Path(data).resolve()),
-            "layout": splits.layout,
-            "train": int(len(train_set.labels)),
-            "validation": int(len(val_set.labels)),
-            "skipped": len(failures),
+        "preprocessing": preprocessing,
+        **extra,
+        "config": trainer.cfg.to_dict(),
+        "training": {
+            "kind": trainer.kind,
+            "epochs_run": trainer.epoch,
+            "stopped_early_at": trainer.stopper.stopped_epoch or None,
+            "loop": trainer.cfg.loop,
+            "strategy": type(trainer.strategy).__name__,
+            "replicas": trainer.strategy.num_replicas_in_sync,
+            "mixed_precision": mixed,
+            "class_weights": None if data.class_weights is None else [float(w) for w in data.class_weights],
         },
-        "metrics": metrics,
+        "data": {
+            "root": str(Path(data_root).resolve()),
+            "layout": data.splits.layout,
+            "train": int(len(data.train_set.labels)),
+            "validation": int(len(data.val_set.labels)),
+            "skipped": len(data.failures),
+        },
+        "metrics": trainer.metrics(),
     }
-    write_meta(run_dir, meta)
-    plot_history(run_dir)
-    info(f"best epoch {best.best_epoch}: " + _format_logs(best.best_logs) + f"; saved {run_dir}", quiet)
-    return TrainResult(run_dir, metrics, failures)
+    write_meta(trainer.run_dir, meta)
+    plot_history(trainer.run_dir)
+    return meta
+
+
+class precision_scope:
+    """Sets the mixed-precision policy for a run and puts the previous one back afterwards."""
+
+    def __init__(self, mode: str):
+        from cvtool.devices import use_mixed_precision
+
+        self.mixed = use_mixed_precision(mode)
+
+    def __enter__(self) -> bool:
+        from cvtool.devices import set_precision
+
+        self.previous = set_precision(self.mixed)
+        return self.mixed
+
+    def __exit__(self, *exc) -> None:
+        import keras
+
+        keras.mixed_precision.set_global_policy(self.previous)
+
+
+def train(
+    data: str | Path,
+    out: str | Path,
+    cfg: TrainConfig | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    resume: bool = False,
+) -> TrainResult:
+    """Train ``cfg.arch`` on the labelled folder ``data``; write the run directory ``out``.
+
+    ``resume``: continue the interrupted (or finished) run in ``out`` from its
+    last epoch, with its stored config; ``cfg`` (optional) only sets the epochs.
+    """
+    from cvtool.devices import distribution_strategy, seed_everything
+    from cvtool.models import build_scratch, default_image_size
+
+    run_dir, cfg, state = open_run(out, cfg, TrainConfig, "train", overwrite, resume)
+    if cfg.epochs < 1:
+        raise UsageError("--epochs must be at least 1")
+    if state is not None and state["epoch"] >= cfg.epochs:
+        raise UsageError(f"{run_dir} already ran {state['epoch']} epochs; pass a larger --epochs to continue")
+    side = cfg.image_size or default_image_size(cfg.arch)
+    seed_everything(cfg.seed + (state["epoch"] if state else 0), cfg.deterministic)
+    with precision_scope(cfg.mixed_precision) as mixed:
+        strategy = distribution_strategy()
+        info(f"training {cfg.arch} ({type(strategy).__name__}, mixed precision {'on' if mixed else 'off'})", quiet)
+        tdata = load_data(data, cfg, run_dir, side, quiet)
+        trainer = Trainer(run_dir, cfg, tdata, "train", quiet, strategy)
+        if state is not None:
+            trainer.restore(state)
+            model = trainer.load_resume_model(state)
+            info(f"resuming {run_dir} after epoch {trainer.epoch}", quiet)
+        else:
+            with strategy.scope():
+                model = build_scratch(cfg.arch, tdata.num_classes, tdata.image_size)
+            trainer.compile(model, cfg.lr)
+        trainer.fit(model, cfg.epochs)
+        extra = {"arch": cfg.arch, "backbone": None if cfg.arch == "small-cnn" else cfg.arch}
+        write_run_meta(trainer, data, extra, mixed)
+    metrics = trainer.metrics()
+    info(f"best epoch {metrics['best_epoch']}: " + _format_logs(trainer.saver.best_logs) + f"; saved {run_dir}", quiet)
+    return TrainResult(run_dir, metrics, tdata.failures, model)
 
 
 def _format_logs(logs: dict) -> str:
     return " ".join(f"{k} {float(v):.4f}" for k, v in logs.items())
 
 
-def _callback_base():
-    import keras
-
-    return keras.callbacks.Callback
-
-
-class RecalibrateBatchNorm(_callback_base()):
-    """Precise BatchNorm: re-estimate BN moving statistics at the end of every epoch.
-
-    Moving averages lag behind fast-changing weights, and on small data sets
-    (a few steps per epoch) they make validation accuracy sit at chance while
-    training accuracy climbs. Before validation runs, this averages the batch
-    statistics of up to ``max_batches`` un-augmented training batches under the
-    current weights. Frozen BN layers (trainable=False) are left alone.
-    """
-
-    def __init__(self, dataset, steps_per_epoch: int, max_batches: int = 16):
-        super().__init__()
-        self.dataset, self.steps, self.max_batches = dataset, steps_per_epoch, max_batches
-
-    def on_train_batch_end(self, batch, logs=None):
-        if batch + 1 == self.steps:
-            self.recalibrate()
-
-    def recalibrate(self) -> None:
-        from keras import layers
-
-        from cvtool.models import all_layers
-
-        bns = [
-            layer
-            for layer in all_layers(self.model)
-            if isinstance(layer, layers.BatchNormalization) and layer.trainable
-        ]
-        if not bns:
-            return
-        saved = [layer.momentum for layer in bns]
-        try:
-            for i, (x, _) in enumerate(self.dataset.take(self.max_batches)):
-                for layer in bns:
-                    layer.momentum = i / (i + 1)  # cumulative mean of the batch statistics
-                self.model(x, training=True)
-        finally:
-            for layer, momentum in zip(bns, saved):
-                layer.momentum = momentum
-
-
-class BestModelSaver(_callback_base()):
-    """Saves the model atomically to ``path`` whenever ``monitor`` improves (lower for losses)."""
-
-    def __init__(self, path: Path, monitor: str):
-        super().__init__()
-        self.path, self.monitor = path, monitor
-        self.higher_is_better = "acc" in monitor
-        self.best = -math.inf if self.higher_is_better else math.inf
-        self.best_epoch = 0
-        self.best_logs: dict = {}
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        value = logs.get(self.monitor)
-        if value is None or not np.isfinite(value):
-            return
-        better = value > self.best if self.higher_is_better else value < self.best
-        if better or self.best_epoch == 0:
-            self.best, self.best_epoch = float(value), epoch + 1
-            self.best_logs = {k: float(v) for k, v in logs.items() if np.isscalar(v)}
-            save_model(self.model, self.path)
-
-
-class HistoryWriter(_callback_base()):
-    """Rewrites ``history.csv`` (one row per epoch) after every epoch."""
-
-    def __init__(self, run_dir: Path, extra: dict | None = None):
-        super().__init__()
-        self.run_dir, self.rows, self.extra = run_dir, [], extra or {}
-        self._start = time.monotonic()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.monotonic()
-
-    def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": epoch + 1, **self.extra}
-        row.update({k: float(v) for k, v in (logs or {}).items() if np.isscalar(v)})
-        row["seconds"] = round(time.monotonic() - self._start, 3)
-        self.rows.append(row)
-        header = list(dict.fromkeys(k for r in self.rows for k in r))
-        write_csv(self.run_dir / HISTORY_FILE, header, ([r.get(k, "") for k in header] for r in self.rows))
-
-
-class EpochLogger(_callback_base()):
-    """One line per epoch on stderr (Keras' own bar is off: it floods cron logs)."""
-
-    def __init__(self, epochs: int, quiet: bool):
-        super().__init__()
-        self.epochs, self.quiet = epochs, quiet
-        self._start = time.monotonic()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.monotonic()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.quiet:
-            took = time.monotonic() - self._start
-            print(
-                f"epoch {epoch + 1}/{self.epochs}: {_format_logs(logs or {})} ({took:.1f}s)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-
 def plot_history(run_dir: Path) -> Path | None:
-    """history.png: loss and accuracy curves, train and validation."""
+    """history.png: loss and accuracy curves, train and validation (fine-tuning phases marked)."""
     import csv
 
     path = Path(run_dir) / HISTORY_FILE
@@ -304,13 +484,16 @@ def plot_history(run_dir: Path) -> Path | None:
 
     from cvtool.outputs import save_figure
 
-    epochs = list(range(1, len(rows) + 1))
+    epochs = [int(r["epoch"]) for r in rows]
+    phase_starts = [int(r["epoch"]) for i, r in enumerate(rows) if i > 0 and r.get("phase") != rows[i - 1].get("phase")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "accuracy")):
         for key, style in ((metric, "-"), (f"val_{metric}", "--")):
             values = [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in rows]
             if not all(np.isnan(values)):
                 ax.plot(epochs, values, style, label=key)
+        for start in phase_starts:
+            ax.axvline(start - 0.5, color="grey", linestyle=":", label="fine-tuning starts")
         ax.set_xlabel("epoch")
         ax.set_title(metric)
         ax.legend()

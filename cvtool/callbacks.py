@@ -1,0 +1,376 @@
+"""Keras callbacks shared by `train` and `finetune`, in both training loops.
+
+``model.fit`` drives them, and so does the custom ``tf.GradientTape`` loop
+(:mod:`cvtool.loop`), so checkpoints, early stopping, history and precise BN
+have one implementation each. Callbacks that hold state across epochs
+(``state()``/``restore()``) are saved in the resume point, so ``--resume``
+continues exactly where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
+from cvtool.bundle import save_model
+from cvtool.outputs import write_csv, write_json
+
+HISTORY_FILE = "history.csv"
+CHECKPOINT_DIR = "checkpoints"
+LOG_DIR = "logs"
+RESUME_FILE = "last.json"
+CHECKPOINT_POLICIES = ("best", "every-epoch", "none")
+MONITORS = ("val_loss", "val_accuracy", "loss", "accuracy")
+
+
+def _format_logs(logs: dict) -> str:
+    return " ".join(f"{k} {float(v):.4f}" for k, v in logs.items())
+
+
+def _scalars(logs: dict | None) -> dict:
+    return {k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0}
+
+
+class RecalibrateBatchNorm(keras.callbacks.Callback):
+    """Precise BatchNorm: re-estimate BN moving statistics at the end of every epoch.
+
+    Moving averages lag behind fast-changing weights, and on small data sets
+    (a few steps per epoch) they make validation accuracy sit at chance while
+    training accuracy climbs. Before validation runs, this averages the batch
+    statistics of up to ``max_batches`` un-augmented training batches under the
+    current weights. Frozen BN layers (trainable=False, e.g. a fine-tuned
+    backbone's) are left alone.
+    """
+
+    def __init__(self, dataset, steps_per_epoch: int, max_batches: int = 16):
+        super().__init__()
+        self.dataset, self.steps, self.max_batches = dataset, steps_per_epoch, max_batches
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch + 1 == self.steps:
+            self.recalibrate()
+
+    def recalibrate(self) -> None:
+        from keras import layers
+
+        from cvtool.models import all_layers
+
+        bns = [
+            layer
+            for layer in all_layers(self.model)
+            if isinstance(layer, layers.BatchNormalization) and layer.trainable
+        ]
+        if not bns:
+            return
+        saved = [layer.momentum for layer in bns]
+        try:
+            for i, batch in enumerate(self.dataset.take(self.max_batches)):
+                for layer in bns:
+                    layer.momentum = i / (i + 1)  # cumulative mean of the batch statistics
+                self.model(batch[0], training=True)
+        finally:
+            for layer, momentum in zip(bns, saved):
+                layer.momentum = momentum
+
+
+class MonitorTracker:
+    """The one rule for "better": beats the best so far by more than ``min_delta`` (lower for losses)."""
+
+    def __init__(self, monitor: str, min_delta: float = 0.0):
+        self.monitor, self.min_delta = monitor, abs(min_delta)
+        self.higher_is_better = "acc" in monitor
+        self.best = -math.inf if self.higher_is_better else math.inf
+        self.best_epoch = 0  # 1-based; 0: none yet
+        self.best_logs: dict = {}
+
+    def improved(self, value) -> bool:
+        if value is None or not np.isfinite(value):
+            return False
+        if self.best_epoch == 0:
+            return True
+        if self.higher_is_better:
+            return value > self.best + self.min_delta
+        return value < self.best - self.min_delta
+
+    def update(self, epoch: int, logs: dict) -> bool:
+        """Record epoch (0-based) if it improved; True when it did."""
+        if not self.improved(logs.get(self.monitor)):
+            return False
+        self.best, self.best_epoch, self.best_logs = float(logs[self.monitor]), epoch + 1, _scalars(logs)
+        return True
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "best_logs": self.best_logs}
+
+    def restore(self, state: dict) -> None:
+        self.best, self.best_epoch, self.best_logs = state["best"], state["best_epoch"], state["best_logs"]
+
+
+class BestModelSaver(keras.callbacks.Callback):
+    """Saves the model atomically to ``path`` (model.keras) whenever the monitor improves.
+
+    Keeps the best weights in memory too, so early stopping can restore them
+    without reading the file back.
+    """
+
+    def __init__(self, path: Path, tracker: MonitorTracker):
+        super().__init__()
+        self.path, self.tracker = Path(path), tracker
+        self.best_weights = None
+
+    @property
+    def best_epoch(self) -> int:
+        return self.tracker.best_epoch
+
+    @property
+    def best_logs(self) -> dict:
+        return self.tracker.best_logs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.tracker.update(epoch, logs or {}):
+            self.best_weights = self.model.get_weights()
+            save_model(self.model, self.path)
+
+    def restore_best(self) -> bool:
+        """Put the best weights back into the model; False when there are none."""
+        weights = self.best_weights
+        if weights is None and self.path.exists():
+            from cvtool.bundle import load_keras_model
+
+            weights = load_keras_model(self.path).get_weights()
+        if weights is None:
+            return False
+        self.model.set_weights(weights)
+        return True
+
+    def state(self) -> dict:
+        return self.tracker.state()
+
+    def restore(self, state: dict) -> None:
+        self.tracker.restore(state)
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """``RUN/checkpoints/epoch-003-val_loss-0.4123.keras`` per ``policy``.
+
+    ``best`` keeps one file, the best epoch so far (same rule as model.keras);
+    ``every-epoch`` keeps one file per epoch; ``none`` writes none.
+    """
+
+    def __init__(self, folder: Path, policy: str, tracker: MonitorTracker, loss_key: str):
+        super().__init__()
+        self.folder, self.policy, self.tracker, self.loss_key = Path(folder), policy, tracker, loss_key
+        self.current_best: str | None = None
+
+    def file_name(self, epoch: int, logs: dict) -> str:
+        value = logs.get(self.loss_key, float("nan"))
+        return f"epoch-{epoch + 1:03d}-{self.loss_key}-{float(value):.4f}.keras"
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.policy == "every-epoch":
+            save_model(self.model, self.folder / self.file_name(epoch, logs))
+        elif self.policy == "best" and self.tracker.best_epoch == epoch + 1:
+            name = self.file_name(epoch, logs)
+            save_model(self.model, self.folder / name)
+            if self.current_best and self.current_best != name:
+                (self.folder / self.current_best).unlink(missing_ok=True)
+            self.current_best = name
+
+    def state(self) -> dict:
+        return {"current_best": self.current_best}
+
+    def restore(self, state: dict) -> None:
+        self.current_best = state.get("current_best")
+
+
+class EarlyStopper(keras.callbacks.Callback):
+    """Stops after ``patience`` epochs without improvement (0 = off); restores the best weights.
+
+    "Improvement" is the tracker's rule, the same one that picks model.keras,
+    so the restored weights are the saved model's. The trainer resets ``wait``
+    when a new finetune phase starts (each phase gets its own patience).
+    """
+
+    def __init__(self, patience: int, saver: BestModelSaver):
+        super().__init__()
+        self.patience, self.saver = patience, saver
+        self.wait = 0
+        self.stopped_epoch = 0  # 1-based; 0: ran to the end
+        self.last_epoch = 0
+
+    def on_train_begin(self, logs=None):
+        self.stopped_epoch = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.last_epoch = epoch + 1
+        if self.patience <= 0:
+            return
+        if self.saver.tracker.best_epoch == epoch + 1:
+            self.wait = 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = epoch + 1
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.patience > 0 and self.saver.best_epoch not in (0, self.last_epoch):
+            self.saver.restore_best()
+
+    def state(self) -> dict:
+        return {"wait": self.wait}
+
+    def restore(self, state: dict) -> None:
+        self.wait = state.get("wait", 0)
+
+
+class HistoryWriter(keras.callbacks.Callback):
+    """Rewrites ``history.csv`` (one row per epoch) after every epoch; ``extra`` adds columns (the phase)."""
+
+    def __init__(self, run_dir: Path, extra: dict | None = None):
+        super().__init__()
+        self.run_dir, self.rows, self.extra = Path(run_dir), [], dict(extra or {})
+        self._start = time.monotonic()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1, **self.extra, **_scalars(logs)}
+        row["seconds"] = round(time.monotonic() - self._start, 3)
+        self.rows.append(row)
+        header = list(dict.fromkeys(k for r in self.rows for k in r))
+        write_csv(self.run_dir / HISTORY_FILE, header, ([r.get(k, "") for k in header] for r in self.rows))
+
+    def state(self) -> dict:
+        return {}
+
+    def restore(self, state: dict, epochs_done: int) -> None:
+        """Reload rows written before the interruption (up to the resume point)."""
+        path = self.run_dir / HISTORY_FILE
+        if not path.exists():
+            return
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= epochs_done]
+        self.rows = [{k: _number(v) for k, v in r.items()} for r in rows]
+
+
+def _number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """One line per epoch on stderr (Keras' own bar is off: it floods cron logs)."""
+
+    def __init__(self, epochs: int, quiet: bool, prefix: str = ""):
+        super().__init__()
+        self.epochs, self.quiet, self.prefix = epochs, quiet, prefix
+        self._start = time.monotonic()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.quiet:
+            took = time.monotonic() - self._start
+            print(
+                f"{self.prefix}epoch {epoch + 1}/{self.epochs}: {_format_logs(_scalars(logs))} ({took:.1f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+class ResumePoint(keras.callbacks.Callback):
+    """After every epoch, the resume point: ``checkpoints/last-epoch-NNN.keras`` + ``checkpoints/last.json``.
+
+    The model is saved with its optimizer state; ``last.json`` (epoch reached,
+    the run's config and the other callbacks' state) is written after it and
+    names it, both atomically, so a run killed at any moment (kill -9 included)
+    leaves a consistent pair that ``--resume`` continues from.
+    """
+
+    def __init__(self, folder: Path, stateful: dict, info: dict):
+        super().__init__()
+        self.folder, self.stateful, self.info = Path(folder), stateful, info
+
+    def on_epoch_end(self, epoch, logs=None):
+        name = f"last-epoch-{epoch + 1:03d}.keras"
+        save_model(self.model, self.folder / name)
+        previous = read_resume_point(self.folder.parent)
+        state = {
+            **self.info,
+            "epoch": epoch + 1,
+            "model": name,
+            "callbacks": {key: cb.state() for key, cb in self.stateful.items()},
+        }
+        write_json(self.folder / RESUME_FILE, state)
+        if previous and previous.get("model") not in (None, name):
+            (self.folder / previous["model"]).unlink(missing_ok=True)
+
+
+def read_resume_point(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / CHECKPOINT_DIR / RESUME_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+class TensorBoardScalars(keras.callbacks.Callback):
+    """TensorBoard event files: ``RUN/logs/train`` and ``RUN/logs/validation``, one scalar per metric per epoch.
+
+    Written with TensorFlow's own summary ops and the scalars plugin's
+    metadata, so the ``tensorboard`` package (which Keras' TensorBoard
+    callback needs) does not have to be installed to write them; the files
+    read as usual in ``tensorboard --logdir RUN/logs``.
+    """
+
+    def __init__(self, log_dir: Path):
+        super().__init__()
+        self.log_dir = Path(log_dir)
+        self._writers: dict = {}
+
+    def _writer(self, name: str):
+        import tensorflow as tf
+
+        if name not in self._writers:
+            self._writers[name] = tf.summary.create_file_writer(str(self.log_dir / name))
+        return self._writers[name]
+
+    def on_epoch_end(self, epoch, logs=None):
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        metadata = summary_pb2.SummaryMetadata(plugin_data=plugin).SerializeToString()
+        for key, value in _scalars(logs).items():
+            split, name = ("validation", key[len("val_") :]) if key.startswith("val_") else ("train", key)
+            with self._writer(split).as_default():
+                tf.summary.write(f"epoch_{name}", tf.constant(value, tf.float32), step=epoch + 1, metadata=metadata)
+        for writer in self._writers.values():
+            writer.flush()
+
+    def on_train_end(self, logs=None):
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
+
+
+def tensorboard(run_dir: Path) -> TensorBoardScalars:
+    """TensorBoard event files under RUN/logs/."""
+    return TensorBoardScalars(Path(run_dir) / LOG_DIR)
