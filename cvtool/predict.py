@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from cvtool.batches import Batch, batched
-from cvtool.bundle import Classifier, load_classifier
-from cvtool.images import InputItem, list_images, load_image
+from cvtool.bundle import Classifier, ModelSet
+from cvtool.images import InputItem, list_images
 from cvtool.outputs import CsvWriter, check_writable, errors_path, format_score
 from cvtool.progress import Progress, warn
+from cvtool.scoring import Scorer, build_scorer, load_scorer
 
 ERRORS_HEADER = ("path", "error")
 
@@ -51,13 +52,27 @@ def prediction_cells(probs_row: np.ndarray, idx_row: np.ndarray, class_names: Se
 
 
 def classify_batches(
-    classifier: Classifier, items: Iterable[InputItem], batch_size: int
+    scorer: Scorer | Classifier, items: Iterable[InputItem], batch_size: int
 ) -> Iterator[tuple[Batch, np.ndarray]]:
-    """Decode ``items`` in parallel and run the model; yields each batch with its probabilities."""
-    size = classifier.image_size
-    for batch in batched(items, lambda item: load_image(item.path, size), batch_size):
-        probs = classifier.predict(np.stack(batch.payloads)) if batch.items else np.zeros((0, classifier.num_classes))
-        yield batch, probs
+    """Decode ``items`` in parallel and score them; yields each batch with its probabilities.
+
+    The one loop of predict, tta, ensemble and evaluate: what differs between them is the scorer.
+    """
+    scorer = as_scorer(scorer)
+    for batch, member_probs in score_batches(scorer, items, batch_size):
+        yield batch, scorer.combine(member_probs)
+
+
+def score_batches(scorer: Scorer, items: Iterable[InputItem], batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
+    """Like :func:`classify_batches`, but yields each batch's uncombined [images, members, views, classes] scores."""
+    for batch in batched(items, scorer.decode, batch_size):
+        yield batch, scorer.member_probs(batch.payloads)
+
+
+def as_scorer(model: Scorer | Classifier) -> Scorer:
+    if isinstance(model, Scorer):
+        return model
+    return build_scorer([ModelSet([model], source=model.source)])
 
 
 def resolve_top_k(k: int, num_classes: int) -> int:
@@ -69,7 +84,7 @@ def resolve_top_k(k: int, num_classes: int) -> int:
 
 
 def predict(
-    model: str | Path | Classifier,
+    model: str | Path | Classifier | Scorer,
     input: str | Path,
     out: str | Path,
     top_k: int = 3,
@@ -81,20 +96,36 @@ def predict(
     """Write ``out`` (path,label,score,label_2,score_2,...) for every image under ``input``.
 
     Rows follow input order and are streamed to disk; bad files go to the
-    errors CSV beside ``out`` and never stop the run.
+    errors CSV beside ``out`` and never stop the run. ``model`` may be an
+    ensemble run directory (its members are combined by its manifest's rule).
     """
     out = check_writable(out, overwrite)
-    err_out = check_writable(errors_path(out), True)
     items = list_images(input)
+    scorer = model if isinstance(model, Scorer) else load_scorer(model, unsafe=unsafe_load)
+    return write_predictions(scorer, items, out, top_k, batch_size, quiet, "predict", input)
+
+
+def write_predictions(
+    scorer: Scorer | Classifier,
+    items: Sequence[InputItem],
+    out: Path,
+    top_k: int,
+    batch_size: int,
+    quiet: bool,
+    desc: str,
+    input: str | Path = "",
+) -> RunResult:
+    """The predictions CSV and its errors CSV for ``items`` scored by ``scorer`` (predict, tta, ensemble)."""
+    scorer = as_scorer(scorer)
+    err_out = check_writable(errors_path(out), True)
     if not items:
         warn(f"no images found in {input}")
-    classifier = model if isinstance(model, Classifier) else load_classifier(model, unsafe=unsafe_load)
-    k = resolve_top_k(top_k, classifier.num_classes)
-    names = classifier.class_names
+    k = resolve_top_k(top_k, scorer.num_classes)
+    names = scorer.class_names
     failed = processed = 0
     with CsvWriter(out, prediction_header(k)) as rows, CsvWriter(err_out, ERRORS_HEADER) as errors:
-        with Progress(len(items), "predict", quiet) as progress:
-            for batch, probs in classify_batches(classifier, items, batch_size):
+        with Progress(len(items), desc, quiet) as progress:
+            for batch, probs in classify_batches(scorer, items, batch_size):
                 for f in batch.failures:
                     errors.write([f.item.rel, f.reason])
                     warn(f"{f.item.rel}: {f.reason}")
