@@ -96,7 +96,10 @@ class Scorer:
         for i, m in enumerate(self.members):
             views = np.stack([p[i] for p in payloads])  # [n, v, h, w, 3]
             v = views.shape[1]
-            probs = m.classifier.predict(views.reshape(n * v, *views.shape[2:]))
+            flat = views.reshape(n * v, *views.shape[2:])
+            # Model calls of at most max(n, 32) images: on CPU, activations of huge batches spill out of cache.
+            step = max(n, 32)
+            probs = np.concatenate([m.classifier.predict(flat[j : j + step]) for j in range(0, n * v, step)])
             out.append(probs[:, m.order].reshape(n, v, -1))
         return np.stack(out, axis=1)
 

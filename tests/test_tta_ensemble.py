@@ -94,11 +94,21 @@ def members(trained_run, tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def member_preds(members, colour_data, tmp_path_factory) -> list[np.ndarray]:
+def loaded(members) -> list:
+    """The members loaded once (Python API), so each test does not reload them."""
+    from cvtool.bundle import load_classifier
+
+    return [load_classifier(m) for m in members]
+
+
+@pytest.fixture(scope="module")
+def member_preds(loaded, colour_data, tmp_path_factory) -> list[np.ndarray]:
+    from cvtool.predict import predict
+
     root = tmp_path_factory.mktemp("member_preds")
     out = []
-    for i, m in enumerate(members):
-        run("predict", str(m), str(colour_data / "validation"), "--out", str(root / f"{i}.csv"), "--top-k", "3")
+    for i, m in enumerate(loaded):
+        predict(m, colour_data / "validation", root / f"{i}.csv", top_k=3, quiet=True)
         out.append(as_matrix(probs_by_path(root / f"{i}.csv")))
     return out
 
@@ -119,15 +129,17 @@ def expected(rule: str, p: np.ndarray, weights=(0.5, 0.3, 0.2)) -> np.ndarray:
 
 @pytest.mark.parametrize("rule", ["mean", "weighted", "vote", "geometric"])
 def test_ensemble_scores_equal_the_rule_applied_to_members_predictions(
-    rule, members, member_preds, colour_data, tmp_path
+    rule, loaded, member_preds, colour_data, tmp_path
 ):
+    from cvtool.ensemble import ensemble
+
     out = tmp_path / "ens.csv"
-    extra = ["--weights", "0.5,0.3,0.2"] if rule == "weighted" else []
+    weights = [0.5, 0.3, 0.2] if rule == "weighted" else None
     if rule == "geometric":
         # The CSV rounds scores to 6 decimals: the trained model's near-zero scores would make log() meaningless.
-        members, member_preds = members[1:], member_preds[1:]
-    run("ensemble", *map(str, members), "--input", str(colour_data / "validation"), "--out", str(out),
-        "--rule", rule, "--top-k", "3", *extra)  # fmt: skip
+        loaded, member_preds = loaded[1:], member_preds[1:]
+    result = ensemble(loaded, colour_data / "validation", out, rule, weights, top_k=3, quiet=True)
+    assert result.exit_code == 0 and result.processed == 36
     rows = read_csv(out)
     assert list(rows[0]) == ["path", "label", "score", "label_2", "score_2", "label_3", "score_3"]
     got = as_matrix(probs_by_path(out))
@@ -164,7 +176,7 @@ def test_members_with_a_different_class_set_are_refused_before_any_work(members,
     assert "Traceback" not in result.output
 
 
-def test_tta_identity_hflip_equals_mean_of_predict_on_images_and_mirrored_copies(trained_run, tmp_path):
+def test_tta_identity_hflip_equals_mean_of_predict_on_images_and_mirrored_copies(trained_run, loaded, tmp_path):
     images, mirrored = tmp_path / "images", tmp_path / "mirrored"
     images.mkdir()
     mirrored.mkdir()
@@ -172,8 +184,10 @@ def test_tta_identity_hflip_equals_mean_of_predict_on_images_and_mirrored_copies
         img = colour_image(rgb, size=(40, 32), seed=50 + i)
         img.save(images / f"img{i}.png")
         ImageOps.mirror(img).save(mirrored / f"img{i}.png")
+    from cvtool.predict import predict
+
     for name, folder in (("plain", images), ("mirror", mirrored)):
-        run("predict", str(trained_run), str(folder), "--out", str(tmp_path / f"{name}.csv"), "--top-k", "3")
+        predict(loaded[0], folder, tmp_path / f"{name}.csv", top_k=3, quiet=True)
     run("tta", str(trained_run), str(images), "--out", str(tmp_path / "tta.csv"), "--transforms", "identity,hflip",
         "--top-k", "3", "--batch-size", "2")  # fmt: skip
     want = (as_matrix(probs_by_path(tmp_path / "plain.csv")) + as_matrix(probs_by_path(tmp_path / "mirror.csv"))) / 2
@@ -256,8 +270,10 @@ def test_train_members_makes_a_run_usable_as_one_model(colour_data, tmp_path):
     assert refused.exit_code == 2
 
 
-def test_evaluate_several_models_keeps_single_model_metrics(members, colour_data, tmp_path):
-    run("evaluate", str(members[0]), str(colour_data), "--out", str(tmp_path / "one"))
+def test_evaluate_several_models_keeps_single_model_metrics(members, loaded, colour_data, tmp_path):
+    from cvtool.evaluate import evaluate
+
+    evaluate(loaded[0], colour_data, tmp_path / "one", quiet=True)
     run("evaluate", *map(str, members[:2]), str(colour_data), "--out", str(tmp_path / "two"), "--rule", "vote")
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
