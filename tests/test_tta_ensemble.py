@@ -243,8 +243,13 @@ def test_train_members_makes_a_run_usable_as_one_model(colour_data, tmp_path):
 
     validation = str(colour_data / "validation")
     run("predict", str(ens), validation, "--out", str(tmp_path / "ens.csv"), "--top-k", "3")
-    for m in ("member-1", "member-2"):
-        run("predict", str(ens / m), validation, "--out", str(tmp_path / f"{m}.csv"), "--top-k", "3")
+    from cvtool.bundle import load_models
+    from cvtool.predict import predict
+
+    loaded = load_models(ens)  # the manifest's members, in order
+    assert [m.source for m in loaded.members] == [str(ens / "member-1"), str(ens / "member-2")]
+    for name, m in zip(("member-1", "member-2"), loaded.members):
+        predict(m, validation, tmp_path / f"{name}.csv", top_k=3, quiet=True)
     members_mean = np.mean([as_matrix(probs_by_path(tmp_path / f"{m}.csv")) for m in ("member-1", "member-2")], axis=0)
     np.testing.assert_allclose(as_matrix(probs_by_path(tmp_path / "ens.csv")), members_mean, atol=2e-6)
 
@@ -281,3 +286,22 @@ def test_evaluate_several_models_keeps_single_model_metrics(members, loaded, col
     assert two["comparison"][str(members[0])]["accuracy"] == one["accuracy"]
     assert two["comparison"][str(members[0])]["top_k_accuracy"] == one["top_k_accuracy"]
     assert two["rule"] == "vote" and two["accuracy"] == two["comparison"]["ensemble"]["accuracy"]
+
+
+def test_tta_and_ensemble_help_do_not_import_tensorflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cvtool.cli import main\n"
+        "for c in (['tta', '--help'], ['ensemble', '--help'], ['evaluate', '--help']):\n"
+        "    sys.argv = ['cvtool', *c]\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, e.code\n"
+        "print('TF_LOADED' if 'tensorflow' in sys.modules else 'TF_NOT_LOADED')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "TF_NOT_LOADED" in out.stdout and "--transforms" in out.stdout and "[default: mean]" in out.stdout
