@@ -55,7 +55,10 @@ CropScale = Annotated[float, typer.Option(help="Side of the TTA crops, fraction 
 Copies = Annotated[int, typer.Option(min=1, help="Random copies per jitter transform (scale, brightness).")]
 TtaSeed = Annotated[int, typer.Option("--seed", help="Seed of the random TTA views.")]
 Rule = Annotated[str, typer.Option(help="How models are combined: mean, weighted, vote or geometric.")]
-Weights = Annotated[str, typer.Option(help="Weights of the weighted rule, one per model (e.g. 0.5,0.3,0.2).")]
+Weights = Annotated[
+    str,
+    typer.Option(help="Weights of the weighted rule, one per model (e.g. 0.5,0.3,0.2).", show_default="none"),
+]
 
 
 def version_callback(value: bool) -> None:
@@ -183,7 +186,7 @@ def evaluate(
         list[str],
         typer.Argument(
             help="Run directory or .keras file; several (or an ensemble run) are compared and combined.",
-            metavar="MODEL...",
+            metavar="MODEL",
             show_default=False,
         ),
     ],
@@ -287,7 +290,7 @@ def ensemble(
         typer.Argument(
             help="Run directories or .keras files (an ensemble run adds its members).",
             show_default=False,
-            metavar="MODEL...",
+            metavar="MODEL",
         ),
     ],
     input: Annotated[Path, typer.Option("--input", "-i", help="Image file, or folder searched recursively.")],
