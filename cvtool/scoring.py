@@ -61,7 +61,6 @@ class Scorer:
     reduce_views: combine.Rule = combine.mean
     rule: combine.Rule = combine.mean
     rule_name: str = "mean"
-    draft_scale: float = 1.0  # decode JPEGs at least this much larger than the input (crops need more pixels)
     seed: int = 0
     source: str = ""
 
@@ -71,9 +70,9 @@ class Scorer:
 
     @property
     def draft_size(self) -> tuple[int, int]:
-        h = max(m.size[0] for m in self.members)
-        w = max(m.size[1] for m in self.members)
-        return int(np.ceil(h * self.draft_scale)), int(np.ceil(w * self.draft_scale))
+        # The same JPEG draft scale as predict and training use for a single model, so the identity view
+        # is exactly predict's input (a larger draft would change the pixels the model sees).
+        return max(m.size[0] for m in self.members), max(m.size[1] for m in self.members)
 
     def decode(self, item: InputItem) -> list[np.ndarray]:
         """Open ``item`` once; one [views, h, w, 3] array per member (shared between members of one size)."""

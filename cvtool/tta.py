@@ -162,8 +162,6 @@ def apply_tta(scorer: Scorer, options: TtaOptions) -> Scorer:
     scorer.views = TtaViews(options)
     scorer.reduce_views = combine.get_rule(options.reduce, REDUCERS)
     scorer.seed = options.seed
-    if "crop" in options.transforms or "scale" in options.transforms:
-        scorer.draft_scale = 1.0 / options.crop_scale  # crops keep the model's resolution after JPEG draft
     return scorer
 
 
