@@ -2,7 +2,10 @@
 
 A run directory holds ``model.keras`` and ``cvtool.json`` (class names in
 index order, input size, preprocessing, the training config, metrics and
-versions). Every command that takes a MODEL calls :func:`load_classifier`.
+versions). An ensemble run directory (``train --members K``) holds
+``member-1..K/`` run directories and a ``cvtool.json`` whose ``ensemble`` entry
+lists them. Every command that takes a MODEL calls :func:`load_models` (one
+model or the members) or :func:`load_classifier` (exactly one model).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from cvtool.outputs import temp_path, write_json
 META_FILE = "cvtool.json"
 MODEL_FILE = "model.keras"
 FORMAT_VERSION = 1
+ENSEMBLE_KEY = "ensemble"
 
 
 @dataclass
@@ -181,6 +185,69 @@ def hub_features(extractor, images: np.ndarray, batch_size: int = 32) -> np.ndar
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+@dataclass
+class ModelSet:
+    """What a MODEL argument names: one classifier, or the members of an ensemble run and its rule."""
+
+    members: list[Classifier]
+    rule: str | None = None  # the ensemble manifest's rule; None for a single model
+    weights: list[float] | None = None
+    source: str = ""
+
+
+def ensemble_manifest(spec: str | os.PathLike) -> dict | None:
+    """The ``ensemble`` entry of ``spec/cvtool.json`` when ``spec`` is an ensemble run directory, else None."""
+    path = Path(spec)
+    meta_path = path / META_FILE
+    if not (path.is_dir() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # read_meta reports it
+    entry = meta.get(ENSEMBLE_KEY) if isinstance(meta, dict) else None
+    if entry is None:
+        return None
+    members = entry.get("members") if isinstance(entry, dict) else None
+    if not (isinstance(members, list) and members and all(isinstance(m, str) for m in members)):
+        raise UnusableError(f"{meta_path}: 'ensemble' must hold a non-empty 'members' list of folders")
+    return entry
+
+
+def write_ensemble_manifest(
+    run_dir: str | os.PathLike,
+    members: list[str],
+    class_names: list[str],
+    rule: str = "mean",
+    extra: dict | None = None,
+) -> Path:
+    """``run_dir/cvtool.json`` naming member run directories (relative to ``run_dir``) and the rule."""
+    entry = {"members": list(members), "rule": rule, "weights": None}
+    return write_meta(
+        run_dir, {"task": "classification", "class_names": list(class_names), ENSEMBLE_KEY: entry, **(extra or {})}
+    )
+
+
+def load_models(spec: str | os.PathLike, unsafe: bool = False, weights: str | os.PathLike | None = None) -> ModelSet:
+    """Load what a MODEL argument names: a run directory, a ``.keras`` file, ``imagenet:NAME``, or an ensemble run.
+
+    ``weights`` is a local weights file for an ``imagenet:NAME`` model.
+    """
+    entry = ensemble_manifest(spec)
+    if entry is None:
+        return ModelSet([load_classifier(spec, unsafe, weights)], source=str(spec))
+    members = []
+    for name in entry["members"]:
+        member_dir = Path(spec) / name
+        if not member_dir.is_dir():
+            raise UnusableError(f"ensemble {spec}: member folder {member_dir} is missing")
+        if ensemble_manifest(member_dir) is not None:
+            raise UnusableError(f"ensemble {spec}: member {name} is itself an ensemble; nesting is not supported")
+        members.append(load_classifier(member_dir, unsafe))
+    weights = entry.get("weights")
+    return ModelSet(members, rule=entry.get("rule") or "mean", weights=weights, source=str(spec))
+
+
 def load_classifier(
     spec: str | os.PathLike, unsafe: bool = False, weights: str | os.PathLike | None = None
 ) -> Classifier:
@@ -199,6 +266,10 @@ def load_classifier(
         return imagenet.load_imagenet(str(spec), weights)
     if weights is not None:
         raise UsageError(f"--weights is for {imagenet.PREFIX}NAME models; {spec} carries its own weights")
+    if ensemble_manifest(spec) is not None:
+        raise UnusableError(
+            f"{spec} is an ensemble run directory; this command takes a single model (a member-N folder)"
+        )
     model_path, run_dir = resolve_model_path(spec)
     meta = read_meta(run_dir) if run_dir is not None else {}
     model = load_keras_model(model_path, unsafe=unsafe)

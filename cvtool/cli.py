@@ -81,6 +81,29 @@ LabelFormat = Annotated[
 InputArg = Annotated[Path, typer.Argument(help="Image file, or folder searched recursively.", show_default=False)]
 
 
+Transforms = Annotated[
+    str,
+    typer.Option(
+        envvar="CVTOOL_TTA_TRANSFORMS",
+        help="TTA views, comma list of identity, hflip, vflip, rot90, crop (5 crops), scale, brightness (random).",
+    ),
+]
+Reduce = Annotated[str, typer.Option(help="How TTA views are combined per image: mean, max or vote.")]
+CropScale = Annotated[float, typer.Option(help="Side of the TTA crops, fraction of the image (smallest for scale).")]
+Copies = Annotated[int, typer.Option(min=1, help="Random copies per jitter transform (scale, brightness).")]
+TtaSeed = Annotated[int, typer.Option("--seed", help="Seed of the random TTA views.")]
+Rule = Annotated[str, typer.Option(help="How models are combined: mean, weighted, vote or geometric.")]
+RuleWeights = Annotated[
+    str,
+    typer.Option(
+        "--weights",
+        "--rule-weights",
+        help="Weights of the weighted rule, one per model (e.g. 0.5,0.3,0.2).",
+        show_default="none",
+    ),
+]
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"cvtool {__version__}")
@@ -219,6 +242,9 @@ def train(
     deterministic: Deterministic = False,
     mixed_precision: MixedPrecision = "auto",
     resume: TrainResume = False,
+    members: Annotated[
+        int, typer.Option(min=1, help="Train K models (seeds SEED..SEED+K-1) into RUN/member-1..K as an ensemble.")
+    ] = 1,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> int:
@@ -233,6 +259,16 @@ def train(
     )  # fmt: skip
     if resume:  # the stored config is used; only --epochs can change
         cfg = None if epochs is None else TrainConfig(epochs=epochs)
+    if members > 1:
+        from cvtool.ensemble import train_members
+
+        if resume:
+            from cvtool.errors import UsageError
+
+            raise UsageError("--resume works on one run; resume each RUN/member-N folder on its own")
+        results = train_members(data, out, cfg, members, overwrite=overwrite, quiet=quiet)
+        typer.echo(f"ensemble of {members} models saved to {out}")
+        return 1 if any(r.failures for r in results) else 0
     result = run_train(data, out, cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
     return 1 if result.failures else 0
@@ -278,7 +314,14 @@ def predict(
 @app.command()
 @reports_errors
 def evaluate(
-    model: ModelArg,
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="Run directory, .keras file or imagenet:NAME; several (or an ensemble run) are compared and combined.",
+            metavar="MODEL",
+            show_default=False,
+        ),
+    ],
     data: Annotated[Path, typer.Argument(help="Labelled folder, or a flat folder with --labels.", show_default=False)],
     out: Annotated[
         Path,
@@ -299,8 +342,23 @@ def evaluate(
     quiet: Quiet = False,
     unsafe_load: UnsafeLoad = False,
     weights: ImagenetWeights = None,
+    use_tta: Annotated[bool, typer.Option("--tta", help="Also score TTA views and report the gain.")] = False,
+    transforms: Transforms = "identity,hflip,crop",
+    reduce: Reduce = "mean",
+    crop_scale: CropScale = 0.875,
+    copies: Copies = 2,
+    tta_seed: TtaSeed = 0,
+    rule: Rule = "mean",
+    rule_weights: Annotated[
+        str, typer.Option("--rule-weights", help="Weights of the weighted rule, one per model (e.g. 0.5,0.3,0.2).")
+    ] = "",
 ) -> int:
-    """Accuracy, rank-N accuracy, per-class precision/recall/F1 and a confusion matrix."""
+    """Accuracy, rank-N accuracy, per-class precision/recall/F1 and a confusion matrix.
+
+    Several MODELs (or an ensemble run) are combined by --rule and compared side by side with each member alone;
+    --tta adds the TTA views and reports the gain.
+    """
+    from cvtool.combine import parse_weights
     from cvtool.errors import UsageError
     from cvtool.evaluate import evaluate as run_evaluate
 
@@ -310,8 +368,9 @@ def evaluate(
         raise UsageError(f"--rank takes a comma list of integers, got {rank!r}") from None
     if split not in ("auto", "test", "validation", "train", "all"):
         raise UsageError(f"--split must be auto, test, validation, train or all, got {split!r}")
+    tta = _tta_options(transforms, reduce, crop_scale, copies, tta_seed) if use_tta else None
     result = run_evaluate(
-        model,
+        models,
         data,
         out,
         labels,
@@ -325,6 +384,9 @@ def evaluate(
         quiet,
         unsafe_load,
         weights=weights,
+        tta=tta,
+        rule=rule if len(models) > 1 or rule != "mean" else None,
+        rule_weights=parse_weights(rule_weights),
     )
     _report(result.processed, result.failed, result.out_dir / "metrics.json", result.out_dir / "errors.csv", quiet)
     return result.exit_code
@@ -587,6 +649,96 @@ def finetune(
     result = run_finetune(data, out, cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
     return 1 if result.failures else 0
+
+
+@app.command()
+@reports_errors
+def tta(
+    model: ModelArg,
+    input: InputArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)],
+    transforms: Transforms = "identity,hflip,crop",
+    reduce: Reduce = "mean",
+    crop_scale: CropScale = 0.875,
+    copies: Copies = 2,
+    seed: TtaSeed = 0,
+    top_k: TopK = 3,
+    batch_size: BatchSize = 32,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    unsafe_load: UnsafeLoad = False,
+    weights: ImagenetWeights = None,
+    resume: Resume = False,
+    shard: ShardOpt = "",
+) -> int:
+    """Predictions averaged over augmented views of every image (test-time augmentation); predict's CSV format."""
+    from cvtool.tta import tta as run_tta
+
+    options = _tta_options(transforms, reduce, crop_scale, copies, seed)
+    result = run_tta(
+        model, input, out, options, top_k, batch_size, overwrite, quiet, unsafe_load, resume, shard, weights
+    )
+    _report(result.processed, result.failed, result.out, result.errors, quiet)
+    return result.exit_code
+
+
+@app.command()
+@reports_errors
+def ensemble(
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="Run directories or .keras files (an ensemble run adds its members).",
+            show_default=False,
+            metavar="MODEL",
+        ),
+    ],
+    input: Annotated[Path, typer.Option("--input", "-i", help="Image file, or folder searched recursively.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)],
+    rule: Rule = "mean",
+    weights: RuleWeights = "",
+    use_tta: Annotated[bool, typer.Option("--tta", help="Apply the TTA views to every member.")] = False,
+    transforms: Transforms = "identity,hflip,crop",
+    reduce: Reduce = "mean",
+    crop_scale: CropScale = 0.875,
+    copies: Copies = 2,
+    seed: TtaSeed = 0,
+    top_k: TopK = 3,
+    batch_size: BatchSize = 32,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    unsafe_load: UnsafeLoad = False,
+    resume: Resume = False,
+    shard: ShardOpt = "",
+) -> int:
+    """Combine several models' predictions (classes aligned by name); predict's CSV format."""
+    from cvtool.combine import parse_weights
+    from cvtool.ensemble import ensemble as run_ensemble
+
+    options = _tta_options(transforms, reduce, crop_scale, copies, seed) if use_tta else None
+    result = run_ensemble(
+        models,
+        input,
+        out,
+        rule,
+        parse_weights(weights),
+        options,
+        top_k,
+        batch_size,
+        overwrite,
+        quiet,
+        unsafe_load,
+        resume,
+        shard,
+    )
+    _report(result.processed, result.failed, result.out, result.errors, quiet)
+    return result.exit_code
+
+
+def _tta_options(transforms: str, reduce: str, crop_scale: float, copies: int, seed: int):
+    from cvtool.tta import TtaOptions, parse_transforms
+
+    return TtaOptions(parse_transforms(transforms), reduce, crop_scale, copies, seed)
 
 
 def _report(processed: int, failed: int, out: Path, errors: Path, quiet: bool) -> None:

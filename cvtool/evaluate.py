@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cvtool.batches import Failure
-from cvtool.bundle import Classifier, load_classifier
+from cvtool.bundle import Classifier
 from cvtool.data import LabelledSet, read_class_folders, split_dirs
+from cvtool.ensemble import ensemble_scorer
 from cvtool.errors import UnusableError, UsageError
 from cvtool.images import InputItem
-from cvtool.metrics import summarise, true_class_rank
+from cvtool.metrics import rank_accuracy, summarise, true_class_rank
 from cvtool.outputs import CsvWriter, check_writable, save_figure, write_csv, write_json
-from cvtool.predict import ERRORS_HEADER, classify_batches, prediction_cells, prediction_header, top_k_indices
+from cvtool.predict import ERRORS_HEADER, prediction_cells, prediction_header, score_batches, top_k_indices
 from cvtool.progress import Progress, warn
+from cvtool.scoring import Scorer
+from cvtool.tta import TtaOptions, view_index
 
 METRICS_FILE = "metrics.json"
 DEFAULT_RANKS = (1, 3, 5)
@@ -147,7 +152,7 @@ def labelled_from_csv(
 
 
 def evaluate(
-    model: str | Path | Classifier,
+    model: str | Path | Classifier | Sequence[str | Path | Classifier],
     data: str | Path,
     out_dir: str | Path,
     labels: str | Path | None = None,
@@ -161,8 +166,17 @@ def evaluate(
     quiet: bool = False,
     unsafe_load: bool = False,
     weights: str | Path | None = None,
+    tta: TtaOptions | None = None,
+    rule: str | None = None,
+    rule_weights: Sequence[float] | None = None,
 ) -> EvalResult:
-    """Evaluate a model on a labelled folder (or a flat folder plus a labels CSV); write reports to ``out_dir``."""
+    """Evaluate a model on a labelled folder (or a flat folder plus a labels CSV); write reports to ``out_dir``.
+
+    Several models (or an ensemble run directory) are combined by ``rule`` (``rule_weights`` for the
+    weighted rule); with them or with ``tta``, ``metrics.json`` also compares each member alone, the
+    combination and the TTA gain side by side. ``weights`` is a local weights file for an
+    ``imagenet:NAME`` model.
+    """
     data, out_dir = Path(data), Path(out_dir)
     if not data.is_dir():
         raise UsageError(f"data folder not found: {data}")
@@ -170,13 +184,14 @@ def evaluate(
         raise UsageError(f"labels file not found: {labels}")
     if any(k < 1 for k in ranks):
         raise UsageError("--rank values must be at least 1")
+    if tta is not None and "identity" not in tta.transforms:
+        raise UsageError("evaluate --tta needs identity among --transforms, to measure the gain over plain predictions")
     check_writable(out_dir / METRICS_FILE, overwrite)
-    if isinstance(model, Classifier):
-        classifier = model
-    else:
-        classifier = load_classifier(model, unsafe=unsafe_load, weights=weights)
-    names = classifier.class_names
-    wnids = classifier.meta.get("wnids")
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    scorer = ensemble_scorer(models, rule, rule_weights, tta, unsafe_load, model_weights=weights)
+    names = scorer.class_names
+    wnids = scorer.members[0].classifier.meta.get("wnids")
+    comparing = len(scorer.members) > 1 or tta is not None
     if labels is not None:
         labelled, failures = labelled_from_csv(data, Path(labels), path_column, label_column, names, wnids)
         source = str(labels)
@@ -187,6 +202,7 @@ def evaluate(
     label_of = {id(item): label for item, label in zip(labelled.items, labelled.labels)}
     k = min(max(top_k, 1), len(names))
     y_true, y_pred, ranks_seen, p_true = [], [], [], []
+    compare = Comparison(scorer, tta) if comparing else None
     header = ["path", "true", *prediction_header(k)[1:]]
     with (
         CsvWriter(out_dir / "predictions.csv", header) as rows,
@@ -197,7 +213,8 @@ def evaluate(
         for f in failures:
             errors.write([f.item.rel, f.reason])
             warn(f"{f.item.rel}: {f.reason}")
-        for batch, probs in classify_batches(classifier, labelled.items, batch_size):
+        for batch, member_probs in score_batches(scorer, labelled.items, batch_size):
+            probs = scorer.combine(member_probs)
             for f in batch.failures:
                 errors.write([f.item.rel, f.reason])
                 warn(f"{f.item.rel}: {f.reason}")
@@ -214,9 +231,13 @@ def evaluate(
                 y_pred.extend(idx[:, 0])
                 ranks_seen.extend(true_class_rank(probs, truth))
                 p_true.extend(probs[np.arange(len(truth)), truth])
+                if compare is not None:
+                    compare.add(member_probs, truth)
             progress.update(len(batch.items) + len(batch.failures))
     metrics, cm = summarise(y_true, y_pred, ranks_seen, p_true, names, ranks)
-    metrics = {"model": classifier.source, "data": source, "failed": len(failures), **metrics}
+    metrics = {"model": scorer.source, "data": source, "failed": len(failures), **metrics}
+    if compare is not None:
+        metrics.update(compare.metrics(names, ranks))
     write_json(out_dir / METRICS_FILE, metrics)
     write_csv(
         out_dir / "confusion_matrix.csv", ["true\\predicted", *names], ([n, *r] for n, r in zip(names, cm.tolist()))
@@ -235,6 +256,63 @@ def classes_shown(cm: np.ndarray) -> np.ndarray:
     if len(cm) <= MAX_CLASSES_SHOWN_ALL:
         return np.arange(len(cm))
     return np.flatnonzero(cm.sum(axis=0) + cm.sum(axis=1))
+
+
+class Comparison:
+    """Each member alone and the combination, without and with TTA, scored from the same forward passes."""
+
+    def __init__(self, scorer: Scorer, tta: TtaOptions | None):
+        self.scorer, self.tta = scorer, tta
+        self.plain_view = view_index(tta, "identity") if tta is not None else 0
+        labels, seen = [], set()
+        for i, m in enumerate(scorer.members):
+            label = m.classifier.source or f"model-{i + 1}"
+            label = label if label not in seen else f"{label} ({i + 1})"
+            seen.add(label)
+            labels.append(label)
+        self.member_labels = labels
+        self.truth: list[np.ndarray] = []
+        self.probs: dict[str, list[np.ndarray]] = {}
+
+    def variants(self, member_probs: np.ndarray) -> dict[str, np.ndarray]:
+        s, plain = self.scorer, member_probs[:, :, self.plain_view : self.plain_view + 1]
+        several = len(s.members) > 1
+        out = {label: plain[:, i, 0] for i, label in enumerate(self.member_labels)}
+        if several:
+            out["ensemble"] = s.combine(plain)
+        if self.tta is not None:
+            for i, label in enumerate(self.member_labels):
+                out[f"{label} + tta"] = s.combine(member_probs[:, i : i + 1])
+            if several:
+                out["ensemble + tta"] = s.combine(member_probs)
+        return out
+
+    def add(self, member_probs: np.ndarray, truth: np.ndarray) -> None:
+        self.truth.append(truth)
+        for name, p in self.variants(member_probs).items():
+            self.probs.setdefault(name, []).append(p)
+
+    def metrics(self, names: list[str], ranks: tuple[int, ...]) -> dict:
+        truth = np.concatenate(self.truth) if self.truth else np.zeros(0, int)
+        table = {}
+        for name, parts in self.probs.items():
+            p = np.concatenate(parts)
+            rank = true_class_rank(p, truth)
+            table[name] = {
+                "accuracy": float(np.mean(rank == 0)) if len(truth) else 0.0,
+                "top_k_accuracy": {str(k): rank_accuracy(rank, k) for k in ranks if k <= len(names)},
+            }
+        out: dict = {"models": self.member_labels, "comparison": table}
+        if len(self.scorer.members) > 1:
+            out["rule"] = self.scorer.rule_name
+        if self.tta is not None:
+            out["tta"] = dataclasses.asdict(self.tta)
+            out["tta_gain"] = {
+                name[: -len(" + tta")]: table[name]["accuracy"] - table[name[: -len(" + tta")]]["accuracy"]
+                for name in table
+                if name.endswith(" + tta")
+            }
+        return out
 
 
 def plot_confusion(cm: np.ndarray, names: list[str], path: Path, normalise: bool) -> Path:
@@ -274,6 +352,22 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: Path, normalise: bool
     return out
 
 
+def format_comparison(metrics: dict) -> str:
+    """Members alone, the combination and TTA side by side (accuracy, rank-N, TTA gain)."""
+    table = metrics.get("comparison")
+    if not table:
+        return ""
+    ks = list(next(iter(table.values()))["top_k_accuracy"])
+    width = max(len(n) for n in table) + 2
+    gain = metrics.get("tta_gain", {})
+    lines = [f"{'model':<{width}}  accuracy  " + "  ".join(f"top-{k:<4}" for k in ks) + ("  tta gain" if gain else "")]
+    for name, r in table.items():
+        cells = "  ".join(f"{v:8.4f}" for v in r["top_k_accuracy"].values())
+        extra = f"  {gain[name]:+8.4f}" if name in gain else ""
+        lines.append(f"{name:<{width}}  {r['accuracy']:8.4f}  {cells}{extra}")
+    return "\n".join(lines)
+
+
 def format_summary(metrics: dict) -> str:
     lines = [f"samples {metrics['samples']}  accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}"]
     ranks = "  ".join(f"top-{k} {v:.4f}" for k, v in metrics["top_k_accuracy"].items())
@@ -292,4 +386,7 @@ def format_summary(metrics: dict) -> str:
     for key in ("macro_avg", "weighted_avg"):
         r = metrics[key]
         lines.append(f"{key:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:.4f}  {r['support']:7d}")
+    comparison = format_comparison(metrics)
+    if comparison:
+        lines += ["", comparison]
     return "\n".join(lines)

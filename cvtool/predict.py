@@ -1,4 +1,9 @@
-"""`cvtool predict`: class probabilities for every image under INPUT, streamed to a CSV."""
+"""`cvtool predict`: class probabilities for every image under INPUT, streamed to a CSV.
+
+Also the shared loop of predict, tta and ensemble (:func:`write_predictions`)
+and of evaluate (:func:`classify_batches`): what differs between them is the
+:class:`~cvtool.scoring.Scorer`.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from cvtool.batches import Batch, batched
-from cvtool.bundle import Classifier, load_classifier
-from cvtool.images import InputItem, list_images, load_image
+from cvtool.bundle import Classifier, ModelSet
+from cvtool.images import InputItem, list_images
 from cvtool.jobs import ERRORS_HEADER, BatchJob, RunResult, Shard, model_fingerprint  # noqa: F401 - re-exported
 from cvtool.outputs import format_score
 from cvtool.progress import Progress, warn
+from cvtool.scoring import Scorer, build_scorer, load_scorer
 
 
 def prediction_header(k: int) -> list[str]:
@@ -35,13 +41,35 @@ def prediction_cells(probs_row: np.ndarray, idx_row: np.ndarray, class_names: Se
 
 
 def classify_batches(
-    classifier: Classifier, items: Iterable[InputItem], batch_size: int
+    scorer: Scorer | Classifier, items: Iterable[InputItem], batch_size: int
 ) -> Iterator[tuple[Batch, np.ndarray]]:
-    """Decode ``items`` in parallel and run the model; yields each batch with its probabilities."""
-    size = classifier.image_size
-    for batch in batched(items, lambda item: load_image(item.path, size), batch_size):
-        probs = classifier.predict(np.stack(batch.payloads)) if batch.items else np.zeros((0, classifier.num_classes))
-        yield batch, probs
+    """Decode ``items`` in parallel and score them; yields each batch with its probabilities.
+
+    The one loop of predict, tta, ensemble and evaluate: what differs between them is the scorer.
+    """
+    scorer = as_scorer(scorer)
+    for batch, member_probs in score_batches(scorer, items, batch_size):
+        yield batch, scorer.combine(member_probs)
+
+
+def score_batches(scorer: Scorer, items: Iterable[InputItem], batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
+    """Like :func:`classify_batches`, but yields each batch's uncombined [images, members, views, classes] scores."""
+    for batch in batched(items, scorer.decode, batch_size):
+        yield batch, scorer.member_probs(batch.payloads)
+
+
+def as_scorer(model: Scorer | Classifier) -> Scorer:
+    if isinstance(model, Scorer):
+        return model
+    return build_scorer([ModelSet([model], source=model.source)])
+
+
+def scorer_fingerprint(scorer: Scorer) -> str:
+    """Which models and which views/rules made a CSV (for --resume and merge checks)."""
+    models = "+".join(model_fingerprint(m.classifier) for m in scorer.members)
+    views = getattr(scorer.views, "__name__", None) or repr(getattr(scorer.views, "options", scorer.views))
+    reduce = getattr(scorer.reduce_views, "__name__", "")
+    return f"{models}|views={views}|reduce={reduce}|rule={scorer.rule_name}|seed={scorer.seed}"
 
 
 def resolve_top_k(k: int, num_classes: int) -> int:
@@ -53,7 +81,7 @@ def resolve_top_k(k: int, num_classes: int) -> int:
 
 
 def predict(
-    model: str | Path | Classifier,
+    model: str | Path | Classifier | Scorer,
     input: str | Path,
     out: str | Path,
     top_k: int = 3,
@@ -69,27 +97,43 @@ def predict(
     """Write ``out`` (path,label,score,label_2,score_2,...) for every image under ``input``.
 
     Rows follow input order and are streamed to disk; bad files go to the
-    errors CSV beside ``out`` and never stop the run. ``label_format`` (name,
-    wnid, both) and ``weights`` apply to ``imagenet:NAME`` models. ``resume``
-    continues an interrupted run; ``shard`` ("K/N") does only this machine's
-    share of ``input``.
+    errors CSV beside ``out`` and never stop the run. ``model`` may be an
+    ensemble run directory (its members are combined by its manifest's rule).
+    ``label_format`` (name, wnid, both) and ``weights`` apply to
+    ``imagenet:NAME`` models. ``resume`` continues an interrupted run;
+    ``shard`` ("K/N") does only this machine's share of ``input``.
     """
-    from cvtool.imagenet import check_label_format, label_names
+    from cvtool.imagenet import check_label_format
 
     check_label_format(label_format)
     job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard)
     items = list_images(input)
+    scorer = model if isinstance(model, Scorer) else load_scorer(model, unsafe=unsafe_load, weights=weights)
+    return write_predictions(scorer, items, job, top_k, batch_size, quiet, "predict", input, label_format)
+
+
+def write_predictions(
+    scorer: Scorer | Classifier,
+    items: Sequence[InputItem],
+    job: BatchJob,
+    top_k: int,
+    batch_size: int,
+    quiet: bool,
+    desc: str,
+    input: str | Path = "",
+    label_format: str = "name",
+) -> RunResult:
+    """The predictions CSV and its errors CSV for ``items`` scored by ``scorer`` (predict, tta, ensemble)."""
+    from cvtool.imagenet import label_names
+
+    scorer = as_scorer(scorer)
     if not items:
         warn(f"no images found in {input}")
-    if isinstance(model, Classifier):
-        classifier = model
-    else:
-        classifier = load_classifier(model, unsafe=unsafe_load, weights=weights)
-    k = resolve_top_k(top_k, classifier.num_classes)
-    names = label_names(classifier.class_names, classifier.meta, label_format)
-    todo = job.open(items, prediction_header(k), {"command": "predict", "model": model_fingerprint(classifier)})
-    with job, Progress(len(todo), "predict", quiet) as progress:
-        for batch, probs in classify_batches(classifier, todo, batch_size):
+    k = resolve_top_k(top_k, scorer.num_classes)
+    names = label_names(scorer.class_names, scorer.members[0].classifier.meta, label_format)
+    todo = job.open(items, prediction_header(k), {"command": desc, "model": scorer_fingerprint(scorer)})
+    with job, Progress(len(todo), desc, quiet) as progress:
+        for batch, probs in classify_batches(scorer, todo, batch_size):
             job.fail_all(batch.failures)
             for item, p, idx in zip(batch.items, probs, top_k_indices(probs, k)):
                 job.write([item.rel, *prediction_cells(p, idx, names)])

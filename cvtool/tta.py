@@ -1,0 +1,190 @@
+"""`cvtool tta`: predictions averaged over augmented views of each image (test-time augmentation).
+
+Each transform is a small function that turns a decoded image into one or
+more views at the model's input size; :class:`TtaViews` strings the chosen
+ones together. The views are built in the decode threads (each image is
+opened once) and the views of a whole batch of images go through the model
+in one call (:class:`cvtool.scoring.Scorer`), then are reduced per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cvtool import combine
+from cvtool.bundle import Classifier
+from cvtool.errors import UsageError
+from cvtool.images import list_images, resize
+from cvtool.predict import BatchJob, RunResult, Shard, write_predictions
+from cvtool.scoring import Scorer, load_scorer
+
+DEFAULT_TRANSFORMS = ("identity", "hflip", "crop")
+REDUCERS = ("mean", "max", "vote")
+
+
+@dataclass
+class TtaOptions:
+    """Which views to build and how to reduce them; stored as given on the command line."""
+
+    transforms: tuple[str, ...] = DEFAULT_TRANSFORMS
+    reduce: str = "mean"
+    crop_scale: float = 0.875  # side of the five crops (and the smallest random scale crop), fraction of the image
+    copies: int = 2  # random copies per jitter transform (scale, brightness)
+    seed: int = 0
+    brightness: float = 0.2  # brightness jitter: factor in [1 - b, 1 + b]
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.transforms if t not in TRANSFORMS]
+        if not self.transforms or unknown:
+            raise UsageError(
+                f"unknown transform {', '.join(unknown) or '(none given)'}; choose from {', '.join(TRANSFORMS)}"
+            )
+        if len(set(self.transforms)) != len(self.transforms):
+            raise UsageError("--transforms lists a transform twice")
+        if self.reduce not in REDUCERS:
+            raise UsageError(f"unknown --reduce {self.reduce!r}; choose from {', '.join(REDUCERS)}")
+        if not 0.1 <= self.crop_scale <= 1.0:
+            raise UsageError("--crop-scale must be between 0.1 and 1")
+        if self.copies < 1:
+            raise UsageError("--copies must be at least 1")
+
+
+@dataclass
+class ViewSource:
+    """A decoded image, the input size to produce, and the image's own random generator."""
+
+    img: Image.Image
+    size: tuple[int, int]  # (height, width)
+    rng: np.random.Generator
+    options: TtaOptions = field(default_factory=TtaOptions)
+
+    @cached_property
+    def resized(self) -> np.ndarray:
+        return resize(self.img, self.size)
+
+    def crop(self, left: float, top: float, scale: float) -> np.ndarray:
+        """The window of ``scale`` x the image's sides whose top-left is at fractions (left, top) of the slack."""
+        w, h = self.img.size
+        cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
+        x, y = round((w - cw) * left), round((h - ch) * top)
+        return resize(self.img.crop((x, y, x + cw, y + ch)), self.size)
+
+
+Transform = Callable[[ViewSource], list[np.ndarray]]
+
+
+def identity(src: ViewSource) -> list[np.ndarray]:
+    return [src.resized]
+
+
+def hflip(src: ViewSource) -> list[np.ndarray]:
+    return [src.resized[:, ::-1]]
+
+
+def vflip(src: ViewSource) -> list[np.ndarray]:
+    return [src.resized[::-1]]
+
+
+def rot90(src: ViewSource) -> list[np.ndarray]:
+    """Rotated a quarter turn counter-clockwise (resized first to the transposed size, so nothing is cut)."""
+    h, w = src.size
+    return [np.rot90(resize(src.img, (w, h)))]
+
+
+def crop(src: ViewSource) -> list[np.ndarray]:
+    """Five crops at ``crop_scale``: the four corners and the centre."""
+    s = src.options.crop_scale
+    return [src.crop(x, y, s) for x, y in ((0, 0), (1, 0), (0, 1), (1, 1), (0.5, 0.5))]
+
+
+def scale(src: ViewSource) -> list[np.ndarray]:
+    """``copies`` random crops whose side is a random fraction in [crop_scale, 1], at a random position."""
+    s = src.options.crop_scale
+    return [src.crop(*src.rng.uniform(0, 1, 2), src.rng.uniform(s, 1.0)) for _ in range(src.options.copies)]
+
+
+def brightness(src: ViewSource) -> list[np.ndarray]:
+    """``copies`` copies with brightness multiplied by a random factor in [1 - b, 1 + b]."""
+    b = src.options.brightness
+    base = src.resized.astype(np.float32)
+    factors = src.rng.uniform(1 - b, 1 + b, src.options.copies)
+    return [np.clip(base * f + 0.5, 0, 255).astype(np.uint8) for f in factors]
+
+
+TRANSFORMS: dict[str, Transform] = {
+    "identity": identity,
+    "hflip": hflip,
+    "vflip": vflip,
+    "rot90": rot90,
+    "crop": crop,
+    "scale": scale,
+    "brightness": brightness,
+}
+
+
+class TtaViews:
+    """The views function of a scorer: every chosen transform applied to one decoded image."""
+
+    def __init__(self, options: TtaOptions):
+        self.options = options
+
+    def __call__(self, img: Image.Image, size: tuple[int, int], rng: np.random.Generator) -> list[np.ndarray]:
+        src = ViewSource(img, size, rng, self.options)
+        return [np.ascontiguousarray(v) for name in self.options.transforms for v in TRANSFORMS[name](src)]
+
+
+def view_counts(options: TtaOptions) -> dict[str, int]:
+    """How many views each chosen transform makes, in order."""
+    per = {"crop": 5, "scale": options.copies, "brightness": options.copies}
+    return {t: per.get(t, 1) for t in options.transforms}
+
+
+def view_index(options: TtaOptions, transform: str) -> int:
+    """Position of the first view made by ``transform`` among an image's views."""
+    counts = view_counts(options)
+    return sum(counts[t] for t in options.transforms[: options.transforms.index(transform)])
+
+
+def parse_transforms(text: str) -> tuple[str, ...]:
+    """``"identity,hflip,crop"`` -> ("identity", "hflip", "crop")."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def apply_tta(scorer: Scorer, options: TtaOptions) -> Scorer:
+    """``scorer`` with every member scoring the TTA views of each image, reduced by ``options.reduce``."""
+    scorer.views = TtaViews(options)
+    scorer.reduce_views = combine.get_rule(options.reduce, REDUCERS)
+    scorer.seed = options.seed
+    return scorer
+
+
+def tta(
+    model: str | Path | Classifier,
+    input: str | Path,
+    out: str | Path,
+    options: TtaOptions | None = None,
+    top_k: int = 3,
+    batch_size: int = 32,
+    overwrite: bool = False,
+    quiet: bool = False,
+    unsafe_load: bool = False,
+    resume: bool = False,
+    shard: str | Shard | None = None,
+    weights: str | Path | None = None,
+) -> RunResult:
+    """Write predictions averaged (``options.reduce``) over the TTA views of every image under ``input``.
+
+    Same CSV, errors CSV, exit codes, ``resume`` and ``shard`` as predict. ``batch_size`` counts images
+    (each brings its views).
+    """
+    options = options or TtaOptions()
+    job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard)
+    items = list_images(input)
+    scorer = apply_tta(load_scorer(model, unsafe=unsafe_load, weights=weights), options)
+    return write_predictions(scorer, items, job, top_k, batch_size, quiet, "tta", input)
