@@ -22,7 +22,7 @@ import numpy as np
 import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
 from cvtool import __version__
 from cvtool.errors import UnusableError, UsageError
-from cvtool.outputs import temp_path, write_json
+from cvtool.outputs import atomic_path, write_json
 
 META_FILE = "cvtool.json"
 MODEL_FILE = "model.keras"
@@ -70,15 +70,9 @@ def versions() -> dict:
 
 def save_model(model, path: str | os.PathLike) -> Path:
     """Save a Keras model atomically (a killed run never leaves a half-written model.keras)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path).with_suffix(".keras")
-    try:
+    with atomic_path(path, suffix=".keras") as tmp:  # Keras insists on the .keras extension
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def write_meta(run_dir: str | os.PathLike, meta: dict) -> Path:

@@ -84,7 +84,7 @@ def wnids() -> list[str]:
 
 def describe(name: str) -> dict:
     """What ``cvtool models`` shows for one network, without building it."""
-    from cvtool.models import BACKBONES
+    from cvtool.backbones import BACKBONES
 
     backbone = BACKBONES[name]
     return {
@@ -122,8 +122,9 @@ def build_model(name: str, weights: str | os.PathLike | None = None):
     """
     import keras
 
+    from cvtool.backbones import BACKBONES
     from cvtool.layers import Preprocess
-    from cvtool.models import BACKBONES, image_input
+    from cvtool.models import image_input
 
     backbone = BACKBONES[name]
     inputs = image_input((backbone.size, backbone.size))
@@ -138,8 +139,8 @@ def build_model(name: str, weights: str | os.PathLike | None = None):
 
 def load_imagenet(spec: str, weights: str | os.PathLike | None = None):
     """A :class:`cvtool.bundle.Classifier` for ``imagenet:NAME`` with the 1,000 ImageNet class names."""
+    from cvtool.backbones import BACKBONES
     from cvtool.bundle import Classifier
-    from cvtool.models import BACKBONES
 
     name = network_name(spec)
     local = weights_file(name, weights)

@@ -12,7 +12,8 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,16 +142,30 @@ def count_rows(path: str | os.PathLike) -> int:
         return max(sum(1 for _ in csv.reader(f)) - 1, 0)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".part") -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; renamed to ``path`` when the block succeeds.
+
+    Every file cvtool writes goes through here (or :class:`CsvWriter`): a killed
+    run leaves at most a hidden ``.part`` file, never a half-written result.
+    ``suffix`` keeps an extension that a writer needs (``.keras`` for Keras).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        tmp.write_bytes(data)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -167,13 +182,8 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Ite
 def save_figure(fig, path: str | os.PathLike) -> Path:
     """Save a matplotlib figure atomically (format from the suffix)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -182,16 +192,11 @@ def save_image(img, path: str | os.PathLike, **params: Any) -> Path:
     from PIL import Image
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise UsageError(f"cannot write images with the extension {path.suffix!r}: {path}")
-    tmp = temp_path(path)
-    try:
+    with atomic_path(path) as tmp:
         img.save(tmp, format=fmt, **params)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -1,0 +1,61 @@
+"""The keras.applications networks cvtool knows: name, constructor, preprocessing mode, native size.
+
+A plain registry without TensorFlow imports, so listing it (``cvtool models``,
+``--help`` texts) stays instant; :meth:`Backbone.build` imports Keras when a
+network is really built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cvtool.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A keras.applications network, its preprocessing mode and native input size."""
+
+    name: str
+    constructor: str  # attribute of keras.applications
+    preprocess: str  # Preprocess mode
+    size: int
+
+    def build(self, image_size: tuple[int, int], weights: str | None = None, include_top: bool = False, **kwargs):
+        """The keras.applications model; networks with preprocess "none" normalise 0-255 pixels inside."""
+        import keras
+
+        import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
+
+        ctor = getattr(keras.applications, self.constructor)
+        return ctor(include_top=include_top, weights=weights, input_shape=(*image_size, 3), **kwargs)
+
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("mobilenet_v2", "MobileNetV2", "tf", 224),
+        Backbone("mobilenet_v3_small", "MobileNetV3Small", "none", 224),
+        Backbone("mobilenet_v3_large", "MobileNetV3Large", "none", 224),
+        Backbone("efficientnet_b0", "EfficientNetB0", "none", 224),
+        Backbone("efficientnet_b1", "EfficientNetB1", "none", 240),
+        Backbone("efficientnet_b2", "EfficientNetB2", "none", 260),
+        Backbone("efficientnet_b3", "EfficientNetB3", "none", 300),
+        Backbone("efficientnetv2_b0", "EfficientNetV2B0", "none", 224),
+        Backbone("resnet50", "ResNet50", "caffe", 224),
+        Backbone("vgg16", "VGG16", "caffe", 224),
+        Backbone("inception_v3", "InceptionV3", "tf", 299),
+        Backbone("xception", "Xception", "tf", 299),
+        Backbone("convnext_tiny", "ConvNeXtTiny", "none", 224),
+    )
+}
+
+SCRATCH_ARCHS = ("small-cnn", "mobilenet_v2", "efficientnet_b0", "resnet50")
+SMALL_CNN_SIZE = 64
+
+
+def get_backbone(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise UsageError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}") from None
