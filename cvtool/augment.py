@@ -35,8 +35,9 @@ def build_augmenter(cfg: AugmentConfig, image_size: tuple[int, int], seed: int |
     """A keras.Sequential applying the enabled transforms to float batches in [0, 255], or None."""
     if not cfg.enabled:
         return None
-    import keras
-    from keras import layers
+    from cvtool.runtime import keras
+
+    layers = keras.layers
 
     h, w = image_size
     steps = []

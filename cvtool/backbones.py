@@ -23,9 +23,8 @@ class Backbone:
 
     def build(self, image_size: tuple[int, int], weights: str | None = None, include_top: bool = False, **kwargs):
         """The keras.applications model; networks with preprocess "none" normalise 0-255 pixels inside."""
-        import keras
-
         import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
+        from cvtool.runtime import keras
 
         ctor = getattr(keras.applications, self.constructor)
         return ctor(include_top=include_top, weights=weights, input_shape=(*image_size, 3), **kwargs)

@@ -35,7 +35,9 @@ class Batch:
 
 
 def default_workers() -> int:
-    return int(os.environ.get("CVTOOL_WORKERS", 0)) or max(2, os.cpu_count() or 2)
+    from cvtool.errors import env_int
+
+    return env_int("CVTOOL_WORKERS", 0) or max(2, os.cpu_count() or 2)
 
 
 def decode_stream(

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
 from cvtool import __version__
 from cvtool.errors import UnusableError, UsageError
 from cvtool.outputs import atomic_path, write_json
@@ -48,7 +47,7 @@ class Classifier:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities (float32, [N, C]) for a batch of uint8 RGB images at ``image_size``."""
-        import tensorflow as tf
+        from cvtool.runtime import tf
 
         if self._forward is None:
             if self.features is None:
@@ -62,8 +61,7 @@ class Classifier:
 
 
 def versions() -> dict:
-    import keras
-    import tensorflow as tf
+    from cvtool.runtime import keras, tf
 
     return {"cvtool": __version__, "tensorflow": tf.__version__, "keras": keras.__version__}
 
@@ -129,9 +127,8 @@ def _meta_model_file(run_dir: Path) -> str:
 
 def load_keras_model(path: str | os.PathLike, unsafe: bool = False):
     """keras.models.load_model with safe_mode on, failures turned into one-line errors."""
-    import keras
-
     import cvtool.layers  # noqa: F401 - registers cvtool's layers for deserialisation
+    from cvtool.runtime import keras
 
     path = Path(path)
     if not path.is_file():
@@ -155,7 +152,9 @@ HUB_DIR = "hub_model"
 
 def load_hub_model(handle: str | os.PathLike):
     """A TF-Hub SavedModel (handle URL, or local folder) loaded with ``hub.load``: a callable on [0, 1] images."""
-    import tensorflow_hub as hub
+    from cvtool.runtime import tensorflow_hub
+
+    hub = tensorflow_hub()
 
     try:
         return hub.load(str(handle))
@@ -169,7 +168,7 @@ def load_hub_model(handle: str | os.PathLike):
 
 def hub_features(extractor, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Feature vectors [N, D] (float32) of uint8 RGB images [N, H, W, 3] through a hub feature extractor."""
-    import tensorflow as tf
+    from cvtool.runtime import tf
 
     forward = tf.function(lambda x: extractor(x / 255.0))
     out = [

@@ -16,12 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import keras
 import numpy as np
 
-import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
 from cvtool.bundle import save_model
 from cvtool.outputs import write_csv, write_json
+from cvtool.runtime import keras
 
 HISTORY_FILE = "history.csv"
 CHECKPOINT_DIR = "checkpoints"
@@ -346,15 +345,16 @@ class TensorBoardScalars(keras.callbacks.Callback):
         self._writers: dict = {}
 
     def _writer(self, name: str):
-        import tensorflow as tf
+        from cvtool.runtime import tf
 
         if name not in self._writers:
             self._writers[name] = tf.summary.create_file_writer(str(self.log_dir / name))
         return self._writers[name]
 
     def on_epoch_end(self, epoch, logs=None):
-        import tensorflow as tf
         from tensorflow.core.framework import summary_pb2
+
+        from cvtool.runtime import tf
 
         plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
         metadata = summary_pb2.SummaryMetadata(plugin_data=plugin).SerializeToString()

@@ -33,14 +33,14 @@ from cvtool.errors import UnusableError, UsageError
 
 def gradcam_weights(acts, grads):
     """Grad-CAM (Selvaraju et al.): the spatial mean of the gradients."""
-    import tensorflow as tf
+    from cvtool.runtime import tf
 
     return tf.reduce_mean(grads, axis=(1, 2))
 
 
 def gradcam_plus_plus_weights(acts, grads):
     """Grad-CAM++ (Chattopadhyay et al.): positive gradients weighted per pixel by alpha."""
-    import tensorflow as tf
+    from cvtool.runtime import tf
 
     g2 = tf.square(grads)
     g3 = g2 * grads
@@ -52,7 +52,7 @@ def gradcam_plus_plus_weights(acts, grads):
 
 def guided_gradcam_weights(acts, grads):
     """The cookbook's guided variant: only positive gradients on positive activations count."""
-    import tensorflow as tf
+    from cvtool.runtime import tf
 
     keep = tf.cast(acts > 0, grads.dtype) * tf.cast(grads > 0, grads.dtype)
     return tf.reduce_mean(keep * grads, axis=(1, 2))
@@ -76,14 +76,14 @@ def get_method(name: str) -> Callable:
 
 
 def _is_model(layer) -> bool:
-    import keras
+    from cvtool.runtime import keras
 
     return isinstance(layer, keras.Model)
 
 
 def _chain(model) -> list:
     """The model's layers in call order, without input layers."""
-    import keras
+    from cvtool.runtime import keras
 
     return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
 
@@ -171,7 +171,7 @@ def build_tap(model, path: Sequence[str], before_head: bool = False):
     (built at construction and at loading), and mixing their tensors gives a
     model whose outputs are not connected for gradients.
     """
-    import keras
+    from cvtool.runtime import keras
 
     if len(path) == 1 and not isinstance(model, keras.Sequential):
         target = model.get_layer(path[0]).output
@@ -195,7 +195,7 @@ def build_tap(model, path: Sequence[str], before_head: bool = False):
 
 def _softmax_head(model):
     """The final layer when it is a softmax (Dense or Activation) whose input holds the logits, else None."""
-    import keras
+    from cvtool.runtime import keras
 
     head = model.layers[-1]
     try:
@@ -242,12 +242,12 @@ class CamModel:
 
     def _scores(self, feats):
         """(logits to differentiate, probabilities) from the tap's second output."""
-        import tensorflow as tf
+        from cvtool.runtime import tf
 
         if self.head is None:
             out = tf.cast(feats, tf.float32)
             return out, out
-        import keras
+        from cvtool.runtime import keras
 
         if isinstance(self.head, keras.layers.Dense):
             feats = tf.cast(feats, self.head.kernel.dtype)
@@ -264,7 +264,7 @@ class CamModel:
         h, w = self.classifier.image_size
         x = np.random.default_rng(0).uniform(0, 255, (2, h, w, 3)).astype(np.float32)
         expected = np.asarray(self.classifier.model(x, training=False), dtype=np.float32)
-        import tensorflow as tf
+        from cvtool.runtime import tf
 
         x = tf.constant(x)
         with tf.GradientTape() as tape:
@@ -278,7 +278,7 @@ class CamModel:
             )
 
     def _function(self, k: int, by_rank: bool):
-        import tensorflow as tf
+        from cvtool.runtime import tf
 
         key = (k, by_rank)
         if key in self._fns:
@@ -321,7 +321,7 @@ class CamModel:
         ``classes`` ([N] class indices, or [N, K]) fixes each image's target
         class; otherwise the K most probable classes of each image are used.
         """
-        import tensorflow as tf
+        from cvtool.runtime import tf
 
         images = tf.convert_to_tensor(np.asarray(images), tf.float32)
         n = int(images.shape[0])

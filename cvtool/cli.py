@@ -62,6 +62,7 @@ ModelArg = Annotated[
     str,
     typer.Argument(
         help="Run directory from train/finetune, a .keras model file, or imagenet:NAME (see `cvtool models`).",
+        metavar="MODEL",
         show_default=False,
     ),
 ]
@@ -78,7 +79,9 @@ LabelFormat = Annotated[
     str,
     typer.Option("--label-format", help="CSV labels of imagenet:NAME models: name, wnid or both."),
 ]
-InputArg = Annotated[Path, typer.Argument(help="Image file, or folder searched recursively.", show_default=False)]
+InputArg = Annotated[
+    Path, typer.Argument(help="Image file, or folder searched recursively.", metavar="INPUT", show_default=False)
+]
 
 
 Transforms = Annotated[
@@ -749,15 +752,28 @@ def _report(processed: int, failed: int, out: Path, errors: Path, quiet: bool) -
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: usage errors as one line (exit 2), never a traceback."""
     try:
-        app()
-    except SystemExit as exc:
-        # click reports usage errors with exit 2 already; keep codes as they are.
-        raise exc
+        from typer._click.exceptions import ClickException  # typer >= 0.2x carries its own click
+        from typer.exceptions import Abort
+    except ImportError:  # pragma: no cover - older typer on top of click
+        from click.exceptions import Abort, ClickException
+
+    try:
+        code = app(standalone_mode=False)
+    except ClickException as exc:  # bad option, missing argument, unknown command: exit 2
+        if not exc.format_message():  # `cvtool` alone: the help was shown
+            sys.exit(exc.exit_code)
+        hint = f" (see: {exc.ctx.command_path} --help)" if getattr(exc, "ctx", None) is not None else ""
+        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except Abort:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - last resort: one line, never a traceback
         print(f"error: unexpected {type(exc).__name__}: {exc} (please report this)", file=sys.stderr)
         sys.exit(EXIT_UNUSABLE)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main", "EXIT_USAGE"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cvtool.batches import Failure, decode_stream
-from cvtool.errors import UnusableError, UsageError
+from cvtool.errors import UnusableError, UsageError, env_int
 from cvtool.images import InputItem, list_images, load_image
 from cvtool.progress import Progress
 
@@ -162,7 +162,7 @@ def decode_set(
     """Decode every file of ``data`` at ``image_size``; bad files become failures, the rest are kept."""
     n = len(data)
     nbytes = n * image_size[0] * image_size[1] * 3
-    limit = int(os.environ.get("CVTOOL_CACHE_LIMIT", DEFAULT_CACHE_LIMIT))
+    limit = env_int("CVTOOL_CACHE_LIMIT", DEFAULT_CACHE_LIMIT)
     if nbytes > limit:
         fd, name = tempfile.mkstemp(prefix="cvtool-cache-", suffix=".npy", dir=cache_dir)
         os.close(fd)
@@ -201,7 +201,7 @@ def training_dataset(
     With ``class_weights`` (one weight per class) batches are (x, y, sample_weight).
     ``decoded.images`` may also hold feature vectors [N, D] (hub backbones).
     """
-    import tensorflow as tf
+    from cvtool.runtime import tf
 
     images, labels = decoded.images, decoded.labels
     n = len(labels)

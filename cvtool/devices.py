@@ -18,7 +18,7 @@ MIXED_PRECISION_MODES = ("auto", "on", "off")
 
 def distribution_strategy():
     """The tf.distribute strategy for this process (see the module docstring)."""
-    import tensorflow as tf
+    from cvtool.runtime import tf
 
     if os.environ.get("TF_CONFIG"):
         return tf.distribute.MultiWorkerMirroredStrategy()
@@ -33,7 +33,7 @@ def strategy_name(strategy) -> str:
 
 
 def gpu_supports_mixed_precision() -> bool:
-    import tensorflow as tf
+    from cvtool.runtime import tf
 
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
@@ -55,7 +55,7 @@ def use_mixed_precision(mode: str) -> bool:
 
 def set_precision(mixed: bool) -> str:
     """Set Keras' global dtype policy; returns the previous policy name (to restore it afterwards)."""
-    import keras
+    from cvtool.runtime import keras
 
     previous = keras.mixed_precision.global_policy().name
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
@@ -64,8 +64,7 @@ def set_precision(mixed: bool) -> str:
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed Python, NumPy and TensorFlow; optionally make TensorFlow ops deterministic."""
-    import keras
-    import tensorflow as tf
+    from cvtool.runtime import keras, tf
 
     keras.utils.set_random_seed(seed)
     if deterministic:

@@ -127,7 +127,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int, image_size: tuple[int, in
 
 
 def backbone_layers(model) -> list:
-    import keras
+    from cvtool.runtime import keras
 
     net = model.get_layer("backbone")
     return [layer for layer in net.layers if not isinstance(layer, keras.layers.InputLayer)]
@@ -139,7 +139,7 @@ def freeze_backbone(model) -> None:
 
 def unfreeze_top(model, cfg: FinetuneConfig) -> int:
     """Unfreeze the top layers of the backbone (BatchNormalization stays frozen); returns how many layers."""
-    import keras
+    from cvtool.runtime import keras
 
     layers = backbone_layers(model)
     n = cfg.unfreeze if cfg.unfreeze is not None else int(round(cfg.unfreeze_fraction * len(layers)))
@@ -222,11 +222,10 @@ def finetune(
 
 def _finetune_hub(data, run_dir: Path, cfg: FinetuneConfig, state: dict | None, quiet: bool) -> TrainResult:
     """Head on frozen hub features; the SavedModel is copied into the run directory."""
-    import keras
-
     from cvtool.bundle import HUB_DIR, hub_features, load_hub_model
     from cvtool.data import DecodedSet
     from cvtool.devices import distribution_strategy
+    from cvtool.runtime import keras
 
     handle = cfg.arch[len(HUB_PREFIX) :]
     extractor = load_hub_model(handle)
@@ -274,7 +273,9 @@ def _copy_hub_model(handle: str, dest: Path) -> None:
     """The SavedModel folder behind ``handle`` (a local path, or hub's download cache) into the run."""
     src = Path(handle)
     if not src.is_dir():
-        import tensorflow_hub as hub
+        from cvtool.runtime import tensorflow_hub
+
+        hub = tensorflow_hub()
 
         src = Path(hub.resolve(handle))
     tmp = dest.with_name(dest.name + ".part")

@@ -120,11 +120,10 @@ def build_model(name: str, weights: str | os.PathLike | None = None):
 
     ``weights`` is None (random), "imagenet" (Keras download/cache) or a local file.
     """
-    import keras
-
     from cvtool.backbones import BACKBONES
     from cvtool.layers import Preprocess
     from cvtool.models import image_input
+    from cvtool.runtime import keras
 
     backbone = BACKBONES[name]
     inputs = image_input((backbone.size, backbone.size))

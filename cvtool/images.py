@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from cvtool.errors import ImageError, UsageError
+from cvtool.errors import ImageError, UsageError, env_int
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -79,8 +79,7 @@ def list_images(root: str | os.PathLike, exclude: str | os.PathLike | None = Non
 
 def max_pixels() -> int:
     """The largest image (in pixels) cvtool decodes; ``CVTOOL_MAX_PIXELS`` overrides."""
-    value = os.environ.get("CVTOOL_MAX_PIXELS")
-    return int(value) if value else DEFAULT_MAX_PIXELS
+    return env_int("CVTOOL_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1)
 
 
 def jpeg_draft_enabled() -> bool:
@@ -97,6 +96,7 @@ def open_rgb(path: str | os.PathLike, target_size: tuple[int, int] | None = None
     Raises :class:`ImageError` with a readable one-line reason.
     """
     path = Path(path)
+    limit = max_pixels()  # read before the per-file try: a bad setting is a usage error, not 100,000 bad files
     try:
         if path.is_symlink() and not path.exists():
             raise ImageError("broken symbolic link")
@@ -106,9 +106,9 @@ def open_rgb(path: str | os.PathLike, target_size: tuple[int, int] | None = None
             raise ImageError("empty file (0 bytes)")
         with Image.open(path) as img:
             width, height = img.size
-            if width * height > max_pixels():
+            if width * height > limit:
                 raise ImageError(
-                    f"image too large: {width}x{height} pixels is over the limit of {max_pixels()} "
+                    f"image too large: {width}x{height} pixels is over the limit of {limit} "
                     "(set CVTOOL_MAX_PIXELS to raise it)"
                 )
             # Reading EXIF may load the pixels (PNG, WebP) and a failed load leaves a blank image that

@@ -6,10 +6,9 @@ contain them load with ``safe_mode=True``: importing cvtool is all it takes.
 
 from __future__ import annotations
 
-import keras
-from keras import ops
+from cvtool.runtime import keras
 
-import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
+ops = keras.ops
 
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)

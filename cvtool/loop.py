@@ -10,10 +10,7 @@ and with a mixed-precision loss-scale optimizer.
 
 from __future__ import annotations
 
-import keras
-import tensorflow as tf
-
-import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
+from cvtool.runtime import keras, tf
 
 
 def custom_fit(

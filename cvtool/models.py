@@ -7,13 +7,12 @@ model needs nothing but decoded, resized pixels.
 
 from __future__ import annotations
 
-import keras
-from keras import layers
-
-import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
 from cvtool.backbones import BACKBONES, SCRATCH_ARCHS, SMALL_CNN_SIZE, Backbone, get_backbone  # noqa: F401
 from cvtool.errors import UsageError
 from cvtool.layers import Preprocess
+from cvtool.runtime import keras
+
+layers = keras.layers
 
 
 def default_image_size(arch: str) -> int:

@@ -46,3 +46,10 @@ warnings.filterwarnings("ignore", module=r"keras(\..*)?")
 warnings.filterwarnings("ignore", module=r"tensorflow(\..*)?")
 
 __all__ = ["tf", "keras"]
+
+
+def tensorflow_hub():
+    """The tensorflow_hub module, imported after TensorFlow has been imported quietly."""
+    import tensorflow_hub as hub
+
+    return hub

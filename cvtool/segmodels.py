@@ -35,7 +35,7 @@ class SegmentationModel:
     input_dtype: str = "float32"
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        import tensorflow as tf
+        from cvtool.runtime import tf
 
         try:
             out = self.call(tf.convert_to_tensor(batch, dtype=self.input_dtype))
@@ -70,7 +70,9 @@ def load_segmentation_model(spec: str | os.PathLike = DEFAULT_MODEL, unsafe: boo
 
 
 def _hub_load(handle: str, remote: bool):
-    import tensorflow_hub as hub
+    from cvtool.runtime import tensorflow_hub
+
+    hub = tensorflow_hub()
 
     try:
         return hub.load(handle)
@@ -122,9 +124,8 @@ def _from_signature(signature, source: str) -> SegmentationModel:
 
 
 def _from_keras(path: Path, unsafe: bool) -> SegmentationModel:
-    import tensorflow as tf
-
     from cvtool.bundle import load_keras_model
+    from cvtool.runtime import tf
 
     model = load_keras_model(path, unsafe=unsafe)
     try:

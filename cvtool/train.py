@@ -90,7 +90,7 @@ class TrainResult:
 
 
 def make_optimizer(name: str, lr: float):
-    import keras
+    from cvtool.runtime import keras
 
     if name == "adam":
         return keras.optimizers.Adam(lr)
@@ -103,7 +103,7 @@ def make_optimizer(name: str, lr: float):
 
 def make_loss(label_smoothing: float = 0.0):
     """Categorical cross-entropy on one-hot labels; targets become y * (1 - a) + a / classes."""
-    import keras
+    from cvtool.runtime import keras
 
     return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
 
@@ -275,9 +275,8 @@ class Trainer:
 
     def load_resume_model(self, state: dict):
         """The model of the resume point, compiled, with its optimizer state."""
-        import keras
-
         import cvtool.layers  # noqa: F401 - registers cvtool's layers
+        from cvtool.runtime import keras
 
         path = self.run_dir / CHECKPOINT_DIR / state["model"]
         try:
@@ -413,7 +412,7 @@ class precision_scope:
         return self.mixed
 
     def __exit__(self, *exc) -> None:
-        import keras
+        from cvtool.runtime import keras
 
         keras.mixed_precision.set_global_policy(self.previous)
 
