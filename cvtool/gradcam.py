@@ -23,7 +23,7 @@ from cvtool.bundle import Classifier, load_classifier
 from cvtool.cam import CamModel, get_method
 from cvtool.errors import UsageError
 from cvtool.images import InputItem, list_images, open_rgb, resize
-from cvtool.jobs import BatchJob, RunResult, Shard, model_fingerprint
+from cvtool.jobs import BatchJob, RunResult, Shard, model_fingerprint, remove_stale_temps
 from cvtool.outputs import format_score, write_bytes_atomic
 from cvtool.progress import Progress, info, warn
 
@@ -166,6 +166,8 @@ def gradcam(
         f"|{opts}",
     }
     todo = job.open(items, INDEX_HEADER, identity)
+    if resume:
+        remove_stale_temps(out_dir)
     if not overwrite and not resume:
         _refuse_existing(out_dir, {item.rel: bases[item.rel] for item in todo}, k, opts)
 

@@ -276,6 +276,21 @@ class BatchJob:
             )
 
 
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete the hidden temporary files (``.name.XXXX.part``) an interrupted run left under ``folder``.
+
+    Image files are written to such a temporary name and renamed into place; a
+    kill between the two leaves one behind. Called when resuming a run that
+    writes image files (gradcam, segment), whose folder only that run writes.
+    """
+    removed = 0
+    for path in Path(folder).rglob(".*.part"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def signals_as_interrupts() -> Iterator[None]:
     """SIGTERM (and SIGINT) raise :class:`Interrupted` in the main thread, so jobs stop cleanly."""

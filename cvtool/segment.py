@@ -25,7 +25,7 @@ from cvtool.batches import batched
 from cvtool.classmap import BACKGROUND_ID, DEFAULT_MODEL, ClassMap, camvid, numbered, read_class_file
 from cvtool.errors import UnusableError, UsageError
 from cvtool.images import InputItem, list_images, open_rgb, resize
-from cvtool.jobs import BatchJob, RunResult, Shard
+from cvtool.jobs import BatchJob, RunResult, Shard, remove_stale_temps
 from cvtool.outputs import save_figure, save_image
 from cvtool.progress import Progress, warn
 from cvtool.segmodels import SegmentationModel, load_segmentation_model
@@ -169,6 +169,8 @@ def segment(
     todo = job.open(items, PIXELS_HEADER, {"command": "segment", "model": _identity(cfg, seg_model)})
     if job.complete:
         return RunResult(job.processed, job.failed, job.out, job.errors)
+    if resume:
+        remove_stale_temps(out_dir)
     with job:
         with Progress(len(todo), "segment", quiet) as progress:
             for batch in batched(todo, decode, cfg.batch_size, key=lambda payload: payload[1].shape):

@@ -2,7 +2,7 @@
 
 To cover a new command, add one entry to COMMANDS: its argv (placeholders
 {model}, {input} (a flat folder), {data} (class folders), {out}, and the
-extra models of :func:`tools`: {segmodel}, {hub}), where it writes its rows
+extra models of the `tools` fixture (conftest): {segmodel}, {hub}), where it writes its rows
 and errors, whether it reads {data}, whether an input has several rows, and
 which placeholder to point at a folder that is not a model for the exit-3 case.
 """
@@ -17,7 +17,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -110,22 +109,6 @@ def hostile(tmp_path_factory) -> Inputs:
 @pytest.fixture(scope="session")
 def clean(tmp_path_factory) -> Inputs:
     return make_inputs(tmp_path_factory.mktemp("clean"), make_clean)
-
-
-@pytest.fixture(scope="session")
-def tools(tmp_path_factory) -> dict[str, Path]:
-    """The other models commands take: a 1x1-conv segmentation .keras file, a tiny TF-Hub feature extractor."""
-    import keras
-
-    from tests.test_finetune import make_hub_model
-
-    root = tmp_path_factory.mktemp("tools")
-    inputs = keras.Input((None, None, 3))
-    conv = keras.layers.Conv2D(3, 1, use_bias=False, name="identity")
-    model = keras.Model(inputs, conv(inputs))
-    conv.set_weights([np.eye(3, dtype=np.float32).reshape(1, 1, 3, 3)])
-    model.save(root / "seg.keras")
-    return {"segmodel": root / "seg.keras", "hub": make_hub_model(root / "hub")}
 
 
 def argv(case: Case, model: Path, inputs: Inputs, out: Path, *extra: str, tools: dict | None = None) -> list[str]:
