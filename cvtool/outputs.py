@@ -157,8 +157,11 @@ def count_rows(path: str | os.PathLike, distinct: bool = False) -> int:
     if not path.exists():
         return 0
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))[1:]
-    return len({row[0] for row in rows if row}) if distinct else len(rows)
+        reader = csv.reader(f)
+        next(reader, None)
+        if distinct:
+            return len({row[0] for row in reader if row})
+        return sum(1 for _ in reader)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
