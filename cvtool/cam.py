@@ -223,6 +223,11 @@ class CamModel:
     """Class activation maps for a :class:`~cvtool.bundle.Classifier`, one method, one target layer."""
 
     def __init__(self, classifier: Classifier, layer: str | None = None, method: str = "gradcam"):
+        if getattr(classifier, "features", None) is not None:
+            raise UnusableError(
+                f"Grad-CAM needs a Keras image model, but {classifier.source} is a Keras head on the feature vectors "
+                "of a TF-Hub backbone (finetune --backbone hub:...), which has no image layers to explain"
+            )
         self.classifier = classifier
         self.method_name = method
         self.method = get_method(method)

@@ -439,6 +439,8 @@ def segment(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     unsafe_load: UnsafeLoad = False,
+    resume: Resume = False,
+    shard: ShardOpt = "",
 ) -> int:
     """Per-pixel classes for every image under INPUT: mask, colour mask and overlay per image, legend, pixel counts."""
     from cvtool.segment import SegmentConfig, parse_size
@@ -456,7 +458,7 @@ def segment(
         batch_size,
         unsafe_load,
     )
-    result = run_segment(input, out, cfg, overwrite=overwrite, quiet=quiet)
+    result = run_segment(input, out, cfg, overwrite=overwrite, quiet=quiet, resume=resume, shard=shard)
     _report(result.processed, result.failed, out, result.errors, quiet)
     return result.exit_code
 
@@ -541,6 +543,9 @@ def gradcam(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     unsafe_load: UnsafeLoad = False,
+    weights: ImagenetWeights = None,
+    resume: Resume = False,
+    shard: ShardOpt = "",
 ) -> int:
     """Grad-CAM heatmaps: where the model looked, as overlays at each input image's own size."""
     from cvtool.gradcam import gradcam as run_gradcam
@@ -563,6 +568,9 @@ def gradcam(
         overwrite=overwrite,
         quiet=quiet,
         unsafe_load=unsafe_load,
+        weights=weights,
+        resume=resume,
+        shard=shard,
     )
     _report(result.processed, result.failed, result.out, result.errors, quiet)
     return result.exit_code

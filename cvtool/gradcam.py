@@ -23,8 +23,8 @@ from cvtool.bundle import Classifier, load_classifier
 from cvtool.cam import CamModel, get_method
 from cvtool.errors import UsageError
 from cvtool.images import InputItem, list_images, open_rgb, resize
-from cvtool.outputs import CsvWriter, check_writable, format_score, write_bytes_atomic
-from cvtool.predict import ERRORS_HEADER, RunResult
+from cvtool.jobs import BatchJob, RunResult, Shard, model_fingerprint, remove_stale_temps
+from cvtool.outputs import format_score, write_bytes_atomic
 from cvtool.progress import Progress, info, warn
 
 INDEX_FILE = "gradcam.csv"
@@ -123,11 +123,16 @@ def gradcam(
     overwrite: bool = False,
     quiet: bool = False,
     unsafe_load: bool = False,
+    weights: str | Path | None = None,
+    resume: bool = False,
+    shard: str | Shard | None = None,
 ) -> RunResult:
     """Write a Grad-CAM picture per image (per target class) under ``out``, plus the index and errors CSVs.
 
     Target class: each image's top-1 class, its ``top_k`` classes, or the fixed
-    ``class_name``. Pictures have the input image's own size.
+    ``class_name``. Pictures have the input image's own size. Each picture is
+    written (atomically) before its index rows, so ``resume`` continues an
+    interrupted run from the index; ``shard`` ("K/N") does only that share of INPUT.
     """
     opts = Rendering(heatmaps.check_options(colormap, alpha, layout, fmt), alpha, layout, fmt, save_heatmap, npy)
     get_method(method)
@@ -138,11 +143,13 @@ def gradcam(
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is a file; give a folder")
-    index_path = check_writable(out_dir / INDEX_FILE, overwrite)
+    job = BatchJob(
+        out_dir / INDEX_FILE, overwrite, resume, shard, errors=out_dir / ERRORS_FILE, grouped=True
+    )  # refuses early
     items = _inputs_outside(list_images(input), out_dir)
     if not items:
         warn(f"no images found in {input}")
-    classifier = model if isinstance(model, Classifier) else load_classifier(model, unsafe=unsafe_load)
+    classifier = model if isinstance(model, Classifier) else load_classifier(model, unsafe=unsafe_load, weights=weights)
     names = classifier.class_names
     fixed = None
     if class_name is not None:
@@ -153,8 +160,16 @@ def gradcam(
     info(f"target layer {cams.layer_name}, method {method}", quiet)
     k = 1 if fixed is not None else min(top_k, classifier.num_classes)
     bases = output_bases(items)
-    if not overwrite:
-        _refuse_existing(out_dir, bases, k, opts)
+    identity = {
+        "command": "gradcam",
+        "model": f"{model_fingerprint(classifier)}|layer={cams.layer_name}|method={method}|class={class_name}|k={k}"
+        f"|{opts}",
+    }
+    todo = job.open(items, INDEX_HEADER, identity)
+    if resume:
+        remove_stale_temps(out_dir)
+    if not overwrite and not resume:
+        _refuse_existing(out_dir, {item.rel: bases[item.rel] for item in todo}, k, opts)
 
     size = classifier.image_size
 
@@ -162,43 +177,36 @@ def gradcam(
         img = open_rgb(item.path)  # full size: the overlay keeps the input's size
         return np.asarray(img, dtype=np.uint8), resize(img, size)
 
-    failed = processed = 0
     with (
-        CsvWriter(index_path, INDEX_HEADER) as index,
-        CsvWriter(out_dir / ERRORS_FILE, ERRORS_HEADER) as errors,
-        Progress(len(items), "gradcam", quiet) as progress,
+        job,
+        Progress(len(todo), "gradcam", quiet) as progress,
         ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="cvtool-render") as pool,
     ):
-        for batch in batched(items, decode, batch_size):
-            for f in batch.failures:
-                errors.write([f.item.rel, f.reason])
-                warn(f"{f.item.rel}: {f.reason}")
-            failed += len(batch.failures)
+        for batch in batched(todo, decode, batch_size):
+            job.fail_all(batch.failures)
             if batch.items:
                 inputs = np.stack([p[1] for p in batch.payloads])
                 classes = None if fixed is None else np.full((len(inputs), 1), fixed, np.int32)
                 result = cams.compute(inputs, classes, top_k=k)
 
-                def job(i: int, result=result, batch=batch):
+                def render(i: int, result=result, batch=batch):
                     labels = [heatmaps.label_text(names[c], s) for c, s in zip(result.classes[i], result.scores[i])]
                     base = bases[batch.items[i].rel]
                     return write_maps(out_dir, base, batch.payloads[i][0], result.maps[i], labels, opts)
 
-                futures = [pool.submit(job, i) for i in range(len(batch.items))]
+                futures = [pool.submit(render, i) for i in range(len(batch.items))]
                 for i, (item, future) in enumerate(zip(batch.items, futures)):
                     try:
                         written = future.result()
                     except Exception as exc:  # noqa: BLE001 - disk full, permissions, OpenCV: one input fails
                         reason = f"cannot write output: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-                        errors.write([item.rel, reason])
-                        warn(f"{item.rel}: {reason}")
-                        failed += 1
+                        job.fail(item.rel, reason)
                         continue
-                    for c, s, name in zip(result.classes[i], result.scores[i], written):
-                        index.write([item.rel, names[c], format_score(s), name])
-                    processed += 1
+                    rows = zip(result.classes[i], result.scores[i], written)
+                    job.write_group([[item.rel, names[c], format_score(s), name] for c, s, name in rows])
+            job.flush()
             progress.update(len(batch.items) + len(batch.failures))
-    return RunResult(processed, failed, index_path, out_dir / ERRORS_FILE)
+    return RunResult(job.processed, job.failed, job.out, job.errors)
 
 
 def _refuse_existing(out_dir: Path, bases: dict[str, str], k: int, opts: Rendering) -> None:

@@ -160,9 +160,13 @@ class BatchJob:
         overwrite: bool = False,
         resume: bool = False,
         shard: str | Shard | None = None,
+        errors: str | os.PathLike | None = None,
+        grouped: bool = False,
     ):
+        """``errors``: the errors CSV (default: beside ``out``); ``grouped``: several rows per input."""
         self.out = Path(out)
-        self.errors = errors_path(self.out)
+        self.errors = Path(errors) if errors is not None else errors_path(self.out)
+        self.grouped = grouped
         self.sidecar = sidecar_path(self.out)
         self.parts = (partial_path(self.out), partial_path(self.errors))
         self.resume, self.shard = resume, parse_shard(shard)
@@ -192,7 +196,7 @@ class BatchJob:
         mine = take_shard(items, self.shard)
         if self.complete:
             self._check_same(identity, f"the finished {self.out}")
-            self.processed, self.failed = count_rows(self.out), count_rows(self.errors)
+            self.processed, self.failed = count_rows(self.out, self.grouped), count_rows(self.errors)
             return []
         if self.resume and any(p.exists() for p in self.parts):
             self._check_same(identity, f"the interrupted run in {self.parts[0]}")
@@ -201,12 +205,14 @@ class BatchJob:
             {
                 "format": SIDECAR_FORMAT,
                 **identity,
+                "errors": self.errors.name if self.errors.parent == self.out.parent else str(self.errors.resolve()),
+                "grouped": self.grouped,
                 "inputs": len(mine),
                 "cvtool": __version__,
                 "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             },
         )
-        self._rows = CsvWriter(self.out, header, partial=self.parts[0], resume=self.resume)
+        self._rows = CsvWriter(self.out, header, partial=self.parts[0], resume=self.resume, grouped=self.grouped)
         self._errs = CsvWriter(self.errors, ERRORS_HEADER, partial=self.parts[1], resume=self.resume)
         done = self._rows.keys | self._errs.keys
         self.processed, self.failed = self._rows.kept, self._errs.kept
@@ -223,6 +229,12 @@ class BatchJob:
 
     def write(self, row: Sequence) -> None:
         self._rows.write(row)
+        self.processed += 1
+
+    def write_group(self, rows: Sequence[Sequence]) -> None:
+        """The rows of one input (``grouped`` jobs): several rows, one input processed."""
+        for row in rows:
+            self._rows.write(row)
         self.processed += 1
 
     def fail(self, rel: str, reason: str) -> None:
@@ -250,6 +262,11 @@ class BatchJob:
             self._errs.commit()
             self._rows.commit()
             return
+        if not self.processed + self.failed:  # nothing done (e.g. the model failed on the first batch): no partial
+            self._errs.discard()
+            self._rows.discard()
+            self.sidecar.unlink(missing_ok=True)
+            return
         self._errs.close()
         self._rows.close()
         if self.processed + self.failed:
@@ -257,6 +274,21 @@ class BatchJob:
                 f"stopped: {self.processed + self.failed} inputs done are kept in {self.parts[0]}; "
                 "run the same command again with --resume to continue"
             )
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete the hidden temporary files (``.name.XXXX.part``) an interrupted run left under ``folder``.
+
+    Image files are written to such a temporary name and renamed into place; a
+    kill between the two leaves one behind. Called when resuming a run that
+    writes image files (gradcam, segment), whose folder only that run writes.
+    """
+    removed = 0
+    for path in Path(folder).rglob(".*.part"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 @contextlib.contextmanager

@@ -27,8 +27,8 @@ from cvtool.jobs import (
 from cvtool.outputs import CsvWriter, check_writable, errors_path, write_json
 
 
-def _rows(path: Path, header: Sequence[str] | None, kind: int) -> Iterator[tuple[str, int, list[str]]]:
-    """(path cell, kind, row) for each row of ``path``, checking the file is in input order."""
+def _rows(path: Path, header: Sequence[str] | None, kind: int, source: int) -> Iterator[tuple]:
+    """(path cell, kind, source, row) for each row of ``path``, checking the file is in input order."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         first = next(reader, None)
@@ -41,7 +41,7 @@ def _rows(path: Path, header: Sequence[str] | None, kind: int) -> Iterator[tuple
             if last is not None and row[0] < last:
                 raise UnusableError(f"{path} is not in input order at {row[0]!r}; was it edited?")
             last = row[0]
-            yield row[0], kind, row
+            yield row[0], kind, source, row
 
 
 def merge(out: str | Path, shards: Sequence[str | Path], overwrite: bool = False, partial: bool = False) -> RunResult:
@@ -74,21 +74,22 @@ def merge(out: str | Path, shards: Sequence[str | Path], overwrite: bool = False
     err_out = errors_path(out)
     check_writable(err_out, True)
     streams = []
-    for shard in shards:
-        streams.append(_rows(shard, first["header"], 0))
-        errs = errors_path(shard)
+    for n, (shard, meta) in enumerate(zip(shards, metas)):
+        streams.append(_rows(shard, first["header"], 0, n))
+        errs = shard_errors(shard, meta)
         if errs.exists():
-            streams.append(_rows(errs, ERRORS_HEADER, 1))
+            streams.append(_rows(errs, ERRORS_HEADER, 1, n))
     processed = failed = 0
     with CsvWriter(out, first["header"]) as rows, CsvWriter(err_out, ERRORS_HEADER) as errors:
-        previous = None
-        for key, kind, row in heapq.merge(*streams, key=lambda t: t[0]):
-            if key == previous:
+        previous = None  # (path, kind, shard) of the last row: an input's several rows come from one shard's CSV
+        for key, kind, source, row in heapq.merge(*streams, key=lambda t: t[0]):
+            if previous is not None and key == previous[0] and (kind, source) != previous[1:]:
                 raise UnusableError(f"{key!r} appears in more than one shard; refusing to merge duplicates")
-            previous = key
+            same_input = previous is not None and key == previous[0]
+            previous = (key, kind, source)
             if kind == 0:
                 rows.write(row)
-                processed += 1
+                processed += 0 if same_input else 1
             else:
                 errors.write(row)
                 failed += 1
@@ -98,12 +99,22 @@ def merge(out: str | Path, shards: Sequence[str | Path], overwrite: bool = False
             "format": SIDECAR_FORMAT,
             **{key: first.get(key) for key in IDENTITY_KEYS},
             "shard": None,
+            "grouped": bool(first.get("grouped")),
             "merged_from": [str(s) for s in shards],
             "inputs": processed + failed,
             "cvtool": first.get("cvtool"),
         },
     )
     return RunResult(processed, failed, out, err_out)
+
+
+def shard_errors(shard: Path, meta: dict) -> Path:
+    """The errors CSV of a shard: as its sidecar records (``DIR/errors.csv`` for gradcam, segment), else beside it."""
+    name = meta.get("errors")
+    if isinstance(name, str) and name:
+        path = Path(name)
+        return path if path.is_absolute() else shard.parent / path
+    return errors_path(shard)
 
 
 def _check_shard_set(shards: list[Path], metas: list[dict], partial: bool) -> None:

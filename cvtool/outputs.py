@@ -61,6 +61,7 @@ class CsvWriter:
         header: Sequence[str],
         partial: str | os.PathLike | None = None,
         resume: bool = False,
+        grouped: bool = False,
     ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,7 @@ class CsvWriter:
         self.tmp = Path(partial) if partial is not None else temp_path(self.path)
         self.keys: set[str] = set()
         self.kept = 0
-        if resume and self.tmp.exists() and self._recover(list(header)):
+        if resume and self.tmp.exists() and self._recover(list(header), grouped):
             self._file = open(self.tmp, "a", newline="", encoding="utf-8")
             self._csv = csv.writer(self._file)
         else:
@@ -77,8 +78,13 @@ class CsvWriter:
             self._csv.writerow(header)
         self.rows = self.kept
 
-    def _recover(self, header: list[str]) -> bool:
-        """Keep the complete rows of an interrupted partial file; False if it holds nothing usable."""
+    def _recover(self, header: list[str], grouped: bool = False) -> bool:
+        """Keep the complete rows of an interrupted partial file; False if it holds nothing usable.
+
+        ``grouped``: several rows per key (an image's pixel counts); the last
+        key's rows may be only some of them, so they are all dropped (that
+        input is done again) and the file is rewritten without them.
+        """
         with open(self.tmp, "rb+") as f:
             data = f.read()
             end = data.rfind(b"\n") + 1  # a kill can tear the last line: drop it
@@ -89,10 +95,23 @@ class CsvWriter:
             return False
         if first != header:
             raise UsageError(f"{self.tmp} has other columns than this run would write; pass --overwrite to start over")
-        for row in reader:
-            if row:
-                self.keys.add(row[0])
-                self.kept += 1
+        rows = [row for row in reader if row]
+        if grouped and rows:
+            last = rows[-1][0]
+            kept = [row for row in rows if row[0] != last]
+            if len(kept) < len(rows):
+                tmp = temp_path(self.tmp)
+                with open(tmp, "w", newline="", encoding="utf-8") as f:
+                    writer = csv.writer(f)
+                    writer.writerow(header)
+                    writer.writerows(kept)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.tmp)
+            rows = kept
+        for row in rows:
+            self.keys.add(row[0])
+        self.kept = len({row[0] for row in rows}) if grouped else len(rows)
         return True
 
     def write(self, row: Iterable[Any]) -> None:
@@ -133,13 +152,17 @@ class CsvWriter:
             self.discard()
 
 
-def count_rows(path: str | os.PathLike) -> int:
-    """Data rows of a CSV written by :class:`CsvWriter` (0 if it does not exist)."""
+def count_rows(path: str | os.PathLike, distinct: bool = False) -> int:
+    """Data rows of a CSV written by :class:`CsvWriter` (0 if it does not exist); ``distinct``: distinct first cells."""
     path = Path(path)
     if not path.exists():
         return 0
     with open(path, newline="", encoding="utf-8") as f:
-        return max(sum(1 for _ in csv.reader(f)) - 1, 0)
+        reader = csv.reader(f)
+        next(reader, None)
+        if distinct:
+            return len({row[0] for row in reader if row})
+        return sum(1 for _ in reader)
 
 
 @contextmanager

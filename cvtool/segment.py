@@ -25,8 +25,8 @@ from cvtool.batches import batched
 from cvtool.classmap import BACKGROUND_ID, DEFAULT_MODEL, ClassMap, camvid, numbered, read_class_file
 from cvtool.errors import UnusableError, UsageError
 from cvtool.images import InputItem, list_images, open_rgb, resize
-from cvtool.outputs import CsvWriter, save_figure, save_image
-from cvtool.predict import ERRORS_HEADER, RunResult
+from cvtool.jobs import BatchJob, RunResult, Shard, remove_stale_temps
+from cvtool.outputs import save_figure, save_image
 from cvtool.progress import Progress, warn
 from cvtool.segmodels import SegmentationModel, load_segmentation_model
 
@@ -133,8 +133,14 @@ def segment(
     overwrite: bool = False,
     quiet: bool = False,
     model: SegmentationModel | None = None,
+    resume: bool = False,
+    shard: str | Shard | None = None,
 ) -> RunResult:
-    """Segment every image under ``input`` into ``out_dir``; returns counts and file locations."""
+    """Segment every image under ``input`` into ``out_dir``; returns counts and file locations.
+
+    Each image's files are written (atomically) before its ``pixels.csv`` rows,
+    so ``resume`` continues an interrupted run; ``shard`` ("K/N") does only that share.
+    """
     cfg = config or SegmentConfig()
     _check_config(cfg)
     out_dir = Path(out_dir)
@@ -145,7 +151,9 @@ def segment(
         warn(f"no images found in {input}")
     given = read_class_file(cfg.classes) if cfg.classes is not None else None
     names = output_names(items)
-    _check_free(out_dir, names, cfg.overlay_format, overwrite)
+    job = BatchJob(out_dir / "pixels.csv", overwrite, resume, shard, errors=out_dir / "errors.csv", grouped=True)
+    if not resume:
+        _check_free(out_dir, names, cfg.overlay_format, overwrite)
     seg_model = model or load_segmentation_model(cfg.model, unsafe=cfg.unsafe_load)
     labeller = Labeller(given, cfg.drop_background)
     fixed = cfg.input_size or seg_model.input_size
@@ -157,17 +165,16 @@ def segment(
         return original, (resize(img, size) if size != original.shape[:2] else original)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    failed = processed = 0
     seen = np.zeros(256, dtype=np.int64)
-    with (
-        CsvWriter(out_dir / "pixels.csv", PIXELS_HEADER) as pixels,
-        CsvWriter(out_dir / "errors.csv", ERRORS_HEADER) as errors,
-    ):
-        with Progress(len(items), "segment", quiet) as progress:
-            for batch in batched(items, decode, cfg.batch_size, key=lambda payload: payload[1].shape):
-                for f in batch.failures:
-                    errors.write([f.item.rel, f.reason])
-                    warn(f"{f.item.rel}: {f.reason}")
+    todo = job.open(items, PIXELS_HEADER, {"command": "segment", "model": _identity(cfg, seg_model)})
+    if job.complete:
+        return RunResult(job.processed, job.failed, job.out, job.errors)
+    if resume:
+        remove_stale_temps(out_dir)
+    with job:
+        with Progress(len(todo), "segment", quiet) as progress:
+            for batch in batched(todo, decode, cfg.batch_size, key=lambda payload: payload[1].shape):
+                job.fail_all(batch.failures)
                 if batch.items:
                     inputs = np.stack([x for _, x in batch.payloads])
                     raw = seg_model.run(model_input(inputs, cfg.input_range, seg_model.input_dtype))
@@ -177,15 +184,41 @@ def segment(
                         counts = np.bincount(mask.ravel(), minlength=256)
                         seen += counts
                         write_outputs(out_dir / names[item.rel], original, mask, labeller.classes, cfg)
-                        for row in pixel_rows(item.rel, counts, labeller.classes):
-                            pixels.write(row)
-                failed += len(batch.failures)
-                processed += len(batch.items)
+                        job.write_group(pixel_rows(item.rel, counts, labeller.classes))
+                job.flush()
                 progress.update(len(batch.items) + len(batch.failures))
-        if labeller.classes is None:  # nothing reached the model: draw the class map it would use
-            labeller.classes = given or camvid()
-        write_legend(labeller.classes, out_dir / "legend.png", seen)
-    return RunResult(processed, failed, out_dir / "pixels.csv", out_dir / "errors.csv")
+    legend = out_dir / "legend.png"
+    if labeller.classes is None:  # nothing reached the model: draw the class map it would use
+        if job.kept and legend.exists():
+            return RunResult(job.processed, job.failed, job.out, job.errors)  # resumed with nothing left: keep it
+        labeller.classes = given or camvid()
+    if job.kept:  # classes seen before the interruption count too
+        seen += _seen_in(job.out, labeller.classes)
+    write_legend(labeller.classes, legend, seen)
+    return RunResult(job.processed, job.failed, job.out, job.errors)
+
+
+def _identity(cfg: SegmentConfig, seg_model: SegmentationModel) -> str:
+    """Which model and options made a pixels.csv (for --resume and merge checks)."""
+    from cvtool.jobs import model_fingerprint
+
+    spec = Path(cfg.model)
+    source = model_fingerprint(spec) if spec.is_file() else str(cfg.model)
+    opts = (cfg.classes, cfg.input_range, cfg.input_size, cfg.max_side, cfg.drop_background, cfg.alpha)
+    return f"{source}|{seg_model.source}|{opts}|{cfg.overlay_format}"
+
+
+def _seen_in(pixels_csv: Path, classes: ClassMap) -> np.ndarray:
+    """Per class id, whether ``pixels_csv`` has a row of it (for the legend of a resumed run)."""
+    import csv
+
+    ids = dict(zip(classes.names, classes.ids))
+    seen = np.zeros(256, dtype=np.int64)
+    with open(pixels_csv, newline="", encoding="utf-8") as f:
+        for row in list(csv.reader(f))[1:]:
+            if len(row) > 1 and row[1] in ids:
+                seen[ids[row[1]]] = 1
+    return seen
 
 
 def model_input_size(size: tuple[int, int], fixed: tuple[int, int] | None, max_side: int) -> tuple[int, int]:

@@ -59,3 +59,19 @@ def run_copy(trained_run, tmp_path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(trained_run, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tools(tmp_path_factory) -> dict[str, Path]:
+    """The other models commands take: a 1x1-conv segmentation .keras file, a tiny TF-Hub feature extractor."""
+    import keras
+
+    from tests.test_finetune import make_hub_model
+
+    root = tmp_path_factory.mktemp("tools")
+    inputs = keras.Input((None, None, 3))
+    conv = keras.layers.Conv2D(3, 1, use_bias=False, name="identity")
+    model = keras.Model(inputs, conv(inputs))
+    conv.set_weights([np.eye(3, dtype=np.float32).reshape(1, 1, 3, 3)])
+    model.save(root / "seg.keras")
+    return {"segmodel": root / "seg.keras", "hub": make_hub_model(root / "hub")}

@@ -141,3 +141,8 @@ def test_finetune_hub_feature_extractor_predicts_from_the_run_alone(colour_data,
     rows = read_csv(preds)
     correct = sum(r["path"].split("/")[0] == r["label"] for r in rows)
     assert correct / len(rows) >= 0.8  # colours separate cleanly on mean-colour features
+
+    # Grad-CAM has no image layers to explain in a head on feature vectors: exit 3, one line, no traceback
+    cam = runner.invoke(app, ["gradcam", str(moved), str(colour_data / "validation"), "--out", str(tmp_path / "cam")])
+    assert cam.exit_code == 3 and "needs a Keras image model" in cam.output
+    assert cam.output.count("\n") == 1 and "Traceback" not in cam.output

@@ -156,6 +156,29 @@ def test_predict_cli_matches_keras_with_its_preprocess_input(mobilenet_v2, photo
     assert len({r["label"] for r in rows}) > 1
 
 
+def test_gradcam_on_imagenet_mobilenet_v2_hooks_the_last_4d_layer(mobilenet_v2, photos, tmp_path, monkeypatch):
+    _, weights = mobilenet_v2
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for name in ("img1.png", "grey.jpg"):
+        shutil.copy(photos / name, folder / name)
+    out = tmp_path / "cam"
+    monkeypatch.setenv("CVTOOL_IMAGENET_WEIGHTS", str(tmp_path / "nowhere.h5"))  # --weights wins over it
+    result = runner.invoke(
+        app, ["gradcam", "imagenet:mobilenet_v2", str(folder), "--out", str(out), "--weights", str(weights)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "target layer out_relu" in result.output  # the last layer with a 4-D output, before pooling
+    rows = read_csv(out / "gradcam.csv")
+    assert [r["path"] for r in rows] == ["grey.jpg", "img1.png"]
+    from cvtool.imagenet import class_index
+
+    imagenet_names = {name for _, name in class_index()}
+    assert all(r["class"] in imagenet_names for r in rows)
+    for r in rows:  # overlays at each input's own size
+        assert Image.open(out / r["output"]).size == Image.open(folder / r["path"]).size
+
+
 def test_mobilenet_v3_normalises_inside_and_matches_keras(tmp_path, photos):
     from cvtool.bundle import load_classifier
     from cvtool.images import list_images, load_image
