@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from cvtool import __version__
-from cvtool.errors import UnusableError, UsageError
+from cvtool.errors import UnusableError, UsageError, first_line
 from cvtool.outputs import atomic_path, write_json
 
 META_FILE = "cvtool.json"
@@ -142,9 +142,9 @@ def load_keras_model(path: str | os.PathLike, unsafe: bool = False):
                 f"{path} contains a Lambda layer or other custom code, which safe loading refuses; "
                 "pass --unsafe-load only if you trust where the file came from"
             ) from None
-        raise UnusableError(f"cannot load model {path}: {_first_line(text)}") from None
+        raise UnusableError(f"cannot load model {path}: {first_line(text)}") from None
     except Exception as exc:  # noqa: BLE001 - corrupt zip, unknown class, bad h5...
-        raise UnusableError(f"cannot load model {path}: {type(exc).__name__}: {_first_line(str(exc))}") from None
+        raise UnusableError(f"cannot load model {path}: {type(exc).__name__}: {first_line(str(exc))}") from None
 
 
 HUB_DIR = "hub_model"
@@ -159,7 +159,7 @@ def load_hub_model(handle: str | os.PathLike):
     try:
         return hub.load(str(handle))
     except Exception as exc:  # noqa: BLE001 - download errors, missing folder, not a SavedModel...
-        reason = _first_line(f"{type(exc).__name__}: {exc}")
+        reason = first_line(f"{type(exc).__name__}: {exc}")
         raise UnusableError(
             f"cannot load hub model {handle} ({reason}); offline, pass a local SavedModel folder "
             "(hub:PATH) or set TFHUB_CACHE_DIR to a cache that holds it"
@@ -297,7 +297,3 @@ def load_classifier(
             raise UnusableError(f"{model_path} has no fixed input size and no {META_FILE} to say which to use")
         image_size = (int(in_shape[1]), int(in_shape[2]))
     return Classifier(model=model, class_names=class_names, image_size=image_size, meta=meta, source=str(spec))
-
-
-def _first_line(text: str) -> str:
-    return " ".join(text.strip().splitlines()[:1])[:300] or "unknown error"

@@ -30,7 +30,7 @@ CHECKPOINT_POLICIES = ("best", "every-epoch", "none")
 MONITORS = ("val_loss", "val_accuracy", "loss", "accuracy")
 
 
-def _format_logs(logs: dict) -> str:
+def format_logs(logs: dict) -> str:
     return " ".join(f"{k} {float(v):.4f}" for k, v in logs.items())
 
 
@@ -288,7 +288,7 @@ class EpochLogger(keras.callbacks.Callback):
         if not self.quiet:
             took = time.monotonic() - self._start
             print(
-                f"{self.prefix}epoch {epoch + 1}/{self.epochs}: {_format_logs(_scalars(logs))} ({took:.1f}s)",
+                f"{self.prefix}epoch {epoch + 1}/{self.epochs}: {format_logs(_scalars(logs))} ({took:.1f}s)",
                 file=sys.stderr,
                 flush=True,
             )

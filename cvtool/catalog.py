@@ -27,7 +27,7 @@ class Catalog:
 
 def find_runs(folder: str | os.PathLike) -> tuple[list[dict], list[tuple[str, str]]]:
     """Every run directory under ``folder`` (itself included), in path order, with what its cvtool.json says."""
-    from cvtool.bundle import META_FILE, read_meta
+    from cvtool.bundle import META_FILE, ensemble_manifest, read_meta
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -39,6 +39,10 @@ def find_runs(folder: str | os.PathLike) -> tuple[list[dict], list[tuple[str, st
             continue
         run_dir = Path(root)
         try:
+            entry = ensemble_manifest(run_dir)
+            if entry is not None:
+                runs.append(describe_ensemble(run_dir, entry))
+                continue  # its members are listed as runs of their own
             meta = read_meta(run_dir)
         except UnusableError as exc:
             skipped.append((str(run_dir), str(exc)))
@@ -46,6 +50,26 @@ def find_runs(folder: str | os.PathLike) -> tuple[list[dict], list[tuple[str, st
         runs.append(describe_run(run_dir, meta))
         dirs[:] = [d for d in dirs if d not in ("checkpoints", "logs")]
     return runs, skipped
+
+
+def describe_ensemble(run_dir: Path, entry: dict) -> dict:
+    """An ensemble run (``train --members K``): its members and rule, read from the manifest."""
+    import json
+
+    from cvtool.bundle import META_FILE
+
+    meta = json.loads((run_dir / META_FILE).read_text(encoding="utf-8"))
+    names = [str(c) for c in meta.get("class_names") or []]
+    return {
+        "model": str(run_dir),
+        "arch": f"ensemble of {len(entry['members'])} ({entry.get('rule') or 'mean'})",
+        "classes": len(names),
+        "class_names": names,
+        "image_size": [],
+        "metrics": {},
+        "saved": meta.get("saved", ""),
+        "model_file_present": all((run_dir / m).is_dir() for m in entry["members"]),
+    }
 
 
 def describe_run(run_dir: Path, meta: dict) -> dict:
@@ -84,7 +108,7 @@ def format_catalog(catalog: Catalog) -> str:
     for r in catalog.runs:
         names = ", ".join(r["class_names"][:MAX_NAMES_SHOWN]) + (", ..." if r["classes"] > MAX_NAMES_SHOWN else "")
         metrics = "  ".join(f"{k} {r['metrics'][k]:.4f}" for k in SHOWN_METRICS if _is_number(r["metrics"].get(k)))
-        size = "x".join(str(s) for s in r["image_size"])
+        size = "x".join(str(s) for s in r["image_size"]) or "-"
         missing = "" if r["model_file_present"] else "  (model file missing)"
         lines.append(f"  {r['model']}  {r['arch']}  {size}  {r['classes']} classes: {names}{missing}")
         if metrics:

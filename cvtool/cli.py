@@ -13,14 +13,28 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from cvtool import __version__
 from cvtool.classmap import DEFAULT_MODEL as DEFAULT_SEGMENT_MODEL
 from cvtool.errors import EXIT_UNUSABLE, EXIT_USAGE, CvtoolError
 
+COMMAND_ORDER = ("train", "finetune", "predict", "tta", "ensemble", "evaluate", "gradcam", "segment", "merge", "models")
+
+
+class _CommandsInWorkflowOrder(TyperGroup):
+    """`cvtool --help` lists commands in the order of a workflow, not of their definition."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
+
 app = typer.Typer(
     name="cvtool",
-    help="Batch computer vision for folders of images: train, predict, evaluate.",
+    cls=_CommandsInWorkflowOrder,
+    help="Batch computer vision for folders of images: train, fine-tune, predict (plain, TTA, ensembles), "
+    "evaluate, explain with Grad-CAM, segment.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -32,6 +46,17 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", envvar="CVTOOL_QUIET", hel
 Overwrite = Annotated[bool, typer.Option("--overwrite", envvar="CVTOOL_OVERWRITE", help="Replace existing results.")]
 BatchSize = Annotated[
     int, typer.Option("--batch-size", "-b", envvar="CVTOOL_BATCH_SIZE", min=1, help="Images per batch.")
+]
+# Training and segmentation keep their own variables: a cron job's CVTOOL_BATCH_SIZE for predict must
+# not change training hyper-parameters, nor send full-size photos to a segmentation model 32 at a time.
+TrainBatchSize = Annotated[
+    int, typer.Option("--batch-size", "-b", envvar="CVTOOL_TRAIN_BATCH_SIZE", min=1, help="Images per training step.")
+]
+SegmentBatchSize = Annotated[
+    int,
+    typer.Option(
+        "--batch-size", "-b", envvar="CVTOOL_SEGMENT_BATCH_SIZE", min=1, help="Images (of one size) per model call."
+    ),
 ]
 TopK = Annotated[
     int,
@@ -221,7 +246,7 @@ def train(
         Optional[int], typer.Option(min=1, help="Training epochs (default: 10; with --resume, the run's own).")
     ] = None,
     image_size: ImageSize = None,
-    batch_size: BatchSize = 32,
+    batch_size: TrainBatchSize = 32,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
     optimizer: Optimizer = "adam",
     seed: Seed = 42,
@@ -435,7 +460,7 @@ def segment(
     ] = None,
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the colour mask in overlays.")] = 0.6,
     overlay_format: Annotated[str, typer.Option(help="Overlay files: jpg or png.")] = "jpg",
-    batch_size: BatchSize = 4,
+    batch_size: SegmentBatchSize = 4,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     unsafe_load: UnsafeLoad = False,
@@ -616,7 +641,7 @@ def finetune(
     image_size: Annotated[
         Optional[int], typer.Option(help="Square input side in pixels (default: the backbone's own; 224 for hub).")
     ] = None,
-    batch_size: BatchSize = 32,
+    batch_size: TrainBatchSize = 32,
     optimizer: Optimizer = "adam",
     seed: Seed = 42,
     val_split: ValSplit = 0.2,
@@ -681,13 +706,26 @@ def tta(
     weights: ImagenetWeights = None,
     resume: Resume = False,
     shard: ShardOpt = "",
+    label_format: LabelFormat = "name",
 ) -> int:
     """Predictions averaged over augmented views of every image (test-time augmentation); predict's CSV format."""
     from cvtool.tta import tta as run_tta
 
     options = _tta_options(transforms, reduce, crop_scale, copies, seed)
     result = run_tta(
-        model, input, out, options, top_k, batch_size, overwrite, quiet, unsafe_load, resume, shard, weights
+        model,
+        input,
+        out,
+        options,
+        top_k,
+        batch_size,
+        overwrite,
+        quiet,
+        unsafe_load,
+        resume,
+        shard,
+        weights,
+        label_format,
     )
     _report(result.processed, result.failed, result.out, result.errors, quiet)
     return result.exit_code
@@ -721,6 +759,7 @@ def ensemble(
     unsafe_load: UnsafeLoad = False,
     resume: Resume = False,
     shard: ShardOpt = "",
+    label_format: LabelFormat = "name",
 ) -> int:
     """Combine several models' predictions (classes aligned by name); predict's CSV format."""
     from cvtool.combine import parse_weights
@@ -741,6 +780,7 @@ def ensemble(
         unsafe_load,
         resume,
         shard,
+        label_format,
     )
     _report(result.processed, result.failed, result.out, result.errors, quiet)
     return result.exit_code

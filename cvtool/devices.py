@@ -29,7 +29,11 @@ def distribution_strategy():
 
 
 def strategy_name(strategy) -> str:
-    return type(strategy).__name__
+    """How the run is spread over devices, for the log line ("one device", "MirroredStrategy on 2 replicas")."""
+    name = type(strategy).__name__
+    if name.startswith("_Default") or strategy.num_replicas_in_sync == 1 and "Mirrored" not in name:
+        return "one device"
+    return f"{name} on {strategy.num_replicas_in_sync} replicas"
 
 
 def gpu_supports_mixed_precision() -> bool:

@@ -56,6 +56,7 @@ def ensemble(
     unsafe_load: bool = False,
     resume: bool = False,
     shard: str | Shard | None = None,
+    label_format: str = "name",
 ) -> RunResult:
     """Write the combined predictions of ``models`` for every image under ``input`` (predict's CSV format).
 
@@ -66,7 +67,7 @@ def ensemble(
     job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard)
     items = list_images(input)
     scorer = ensemble_scorer(models, rule, weights, tta, unsafe_load)
-    return write_predictions(scorer, items, job, top_k, batch_size, quiet, "ensemble", input)
+    return write_predictions(scorer, items, job, top_k, batch_size, quiet, "ensemble", input, label_format)
 
 
 def train_members(data: str | Path, out: str | Path, cfg, members: int, overwrite: bool = False, quiet: bool = False):

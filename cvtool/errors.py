@@ -55,3 +55,12 @@ def env_int(name: str, default: int, minimum: int = 0) -> int:
     if number < minimum:
         raise UsageError(f"environment variable {name}={value!r} must be at least {minimum}")
     return number
+
+
+def first_line(error: BaseException | str, limit: int = 300) -> str:
+    """The first line of an error message, for one-line reports (the exception's type if it has no text)."""
+    text = str(error).strip().splitlines()
+    line = text[0][:limit] if text else ""
+    if not line and isinstance(error, BaseException):
+        return type(error).__name__
+    return line or "unknown error"

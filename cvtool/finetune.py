@@ -37,7 +37,7 @@ from cvtool.train import (
     Trainer,
     TrainingData,
     TrainResult,
-    _format_logs,
+    format_logs,
     load_data,
     open_run,
     precision_scope,
@@ -165,7 +165,7 @@ def finetune(
     ``resume`` continues the run in ``out`` with its stored config; ``cfg`` (optional)
     only sets the fine-tune phase's epochs.
     """
-    from cvtool.devices import distribution_strategy, seed_everything
+    from cvtool.devices import distribution_strategy, seed_everything, strategy_name
 
     run_dir, cfg, state = open_run(out, cfg, FinetuneConfig, "finetune", overwrite, resume)
     validate_finetune(cfg)
@@ -181,7 +181,7 @@ def finetune(
     side = cfg.image_size or backbone.size
     with precision_scope(cfg.mixed_precision) as mixed:
         strategy = distribution_strategy()
-        info(f"fine-tuning {cfg.arch} (weights {cfg.weights}, {type(strategy).__name__})", quiet)
+        info(f"fine-tuning {cfg.arch} (weights {cfg.weights}, {strategy_name(strategy)})", quiet)
         tdata = load_data(data, cfg, run_dir, side, quiet)
         trainer = Trainer(run_dir, cfg, tdata, "finetune", quiet, strategy)
         trainer.logger.epochs = total
@@ -216,7 +216,7 @@ def finetune(
         }
         write_run_meta(trainer, data, extra, mixed)
     metrics = trainer.metrics()
-    info(f"best epoch {metrics['best_epoch']}: " + _format_logs(trainer.saver.best_logs) + f"; saved {run_dir}", quiet)
+    info(f"best epoch {metrics['best_epoch']}: " + format_logs(trainer.saver.best_logs), quiet)
     return TrainResult(run_dir, metrics, tdata.failures, model)
 
 
@@ -265,7 +265,7 @@ def _finetune_hub(data, run_dir: Path, cfg: FinetuneConfig, state: dict | None, 
         }
         write_run_meta(trainer, data, extra, mixed, preprocessing="pixels / 255, then the hub model")
     metrics = trainer.metrics()
-    info(f"best epoch {metrics['best_epoch']}: " + _format_logs(trainer.saver.best_logs) + f"; saved {run_dir}", quiet)
+    info(f"best epoch {metrics['best_epoch']}: " + format_logs(trainer.saver.best_logs), quiet)
     return TrainResult(run_dir, metrics, tdata.failures, model)
 
 

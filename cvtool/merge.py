@@ -44,10 +44,19 @@ def _rows(path: Path, header: Sequence[str] | None, kind: int, source: int) -> I
             yield row[0], kind, source, row
 
 
+def _errors_of_named(path: Path, named: set[Path]) -> bool:
+    """Is ``path`` the errors CSV of another CSV given on the command line?"""
+    owner = path.with_name(path.name[: -len(".errors.csv")] + ".csv")
+    return owner.resolve() in named
+
+
 def merge(out: str | Path, shards: Sequence[str | Path], overwrite: bool = False, partial: bool = False) -> RunResult:
     """Write ``out`` and its errors CSV from ``shards``; rows sorted by path as ``list_images`` orders them."""
     out = Path(out)
     shards = [Path(s) for s in shards]
+    # A shell glob such as part-*.csv also matches each shard's errors CSV: those travel with their shard.
+    named = {s.resolve() for s in shards}
+    shards = [s for s in shards if not (s.name.endswith(".errors.csv") and _errors_of_named(s, named))]
     if not shards:
         raise UsageError("give at least one shard CSV to merge")
     metas = []

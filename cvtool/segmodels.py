@@ -19,7 +19,7 @@ import numpy as np
 
 import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
 from cvtool.classmap import DEFAULT_MODEL
-from cvtool.errors import UnusableError, UsageError
+from cvtool.errors import UnusableError, UsageError, first_line
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
@@ -46,7 +46,7 @@ class SegmentationModel:
             ) from None
         except (tf.errors.OpError, TypeError, ValueError) as exc:
             raise UnusableError(
-                f"model {self.source} failed on a batch of shape {list(batch.shape)}: {_first_line(exc)}"
+                f"model {self.source} failed on a batch of shape {list(batch.shape)}: {first_line(exc)}"
                 " (if it needs a fixed input size, pass --input-size HxW)"
             ) from None
         return _to_array(out, self.source)
@@ -77,7 +77,7 @@ def _hub_load(handle: str, remote: bool):
     try:
         return hub.load(handle)
     except Exception as exc:  # noqa: BLE001 - download, archive and SavedModel errors all end here
-        reason = _first_line(exc)
+        reason = first_line(exc)
         if remote:
             raise UnusableError(
                 f"cannot load {handle} ({type(exc).__name__}: {reason}); without network, download the model "
@@ -159,8 +159,3 @@ def _to_array(out, source: str) -> np.ndarray:
             raise UnusableError(f"{source} returned nothing")
         out = out[0]
     return np.asarray(out)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0][:300] if text else "") or type(exc).__name__

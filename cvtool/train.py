@@ -32,6 +32,7 @@ from cvtool.callbacks import (  # noqa: F401 - re-exported: the callbacks used t
     MonitorTracker,
     RecalibrateBatchNorm,
     ResumePoint,
+    format_logs,
     read_resume_point,
     tensorboard,
 )
@@ -209,7 +210,7 @@ def load_data(data: str | Path, cfg: TrainConfig, run_dir: Path, side: int, quie
     splits = discover(data, cfg.val_split, cfg.seed)
     image_size = (side, side)
     info(
-        f"{len(splits.train)} training images, {len(splits.validation)} validation, at {side}x{side}; "
+        f"{len(splits.train)} training files, {len(splits.validation)} validation, at {side}x{side}; "
         f"classes: {', '.join(splits.class_names)}",
         quiet,
     )
@@ -430,7 +431,7 @@ def train(
     ``resume``: continue the interrupted (or finished) run in ``out`` from its
     last epoch, with its stored config; ``cfg`` (optional) only sets the epochs.
     """
-    from cvtool.devices import distribution_strategy, seed_everything
+    from cvtool.devices import distribution_strategy, seed_everything, strategy_name
     from cvtool.models import build_scratch, default_image_size
 
     run_dir, cfg, state = open_run(out, cfg, TrainConfig, "train", overwrite, resume)
@@ -442,7 +443,7 @@ def train(
     seed_everything(cfg.seed + (state["epoch"] if state else 0), cfg.deterministic)
     with precision_scope(cfg.mixed_precision) as mixed:
         strategy = distribution_strategy()
-        info(f"training {cfg.arch} ({type(strategy).__name__}, mixed precision {'on' if mixed else 'off'})", quiet)
+        info(f"training {cfg.arch} ({strategy_name(strategy)}, mixed precision {'on' if mixed else 'off'})", quiet)
         tdata = load_data(data, cfg, run_dir, side, quiet)
         trainer = Trainer(run_dir, cfg, tdata, "train", quiet, strategy)
         if state is not None:
@@ -457,12 +458,8 @@ def train(
         extra = {"arch": cfg.arch, "backbone": None if cfg.arch == "small-cnn" else cfg.arch}
         write_run_meta(trainer, data, extra, mixed)
     metrics = trainer.metrics()
-    info(f"best epoch {metrics['best_epoch']}: " + _format_logs(trainer.saver.best_logs) + f"; saved {run_dir}", quiet)
+    info(f"best epoch {metrics['best_epoch']}: " + format_logs(trainer.saver.best_logs), quiet)
     return TrainResult(run_dir, metrics, tdata.failures, model)
-
-
-def _format_logs(logs: dict) -> str:
-    return " ".join(f"{k} {float(v):.4f}" for k, v in logs.items())
 
 
 def plot_history(run_dir: Path) -> Path | None:

@@ -177,6 +177,7 @@ def tta(
     resume: bool = False,
     shard: str | Shard | None = None,
     weights: str | Path | None = None,
+    label_format: str = "name",
 ) -> RunResult:
     """Write predictions averaged (``options.reduce``) over the TTA views of every image under ``input``.
 
@@ -187,4 +188,4 @@ def tta(
     job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard)
     items = list_images(input)
     scorer = apply_tta(load_scorer(model, unsafe=unsafe_load, weights=weights), options)
-    return write_predictions(scorer, items, job, top_k, batch_size, quiet, "tta", input)
+    return write_predictions(scorer, items, job, top_k, batch_size, quiet, "tta", input, label_format)

@@ -106,6 +106,11 @@ def test_shards_union_equals_unsharded_run_and_merge_restores_it(many, reference
     assert_same_rows(merged, reference)
     assert read_rows(tmp_path / "merged.errors.csv") == read_rows(reference.with_name("preds.errors.csv"))
     assert json.loads((tmp_path / "merged.job.json").read_text())["model"].startswith("sha256:")
+    # A shell glob (part*.csv) also hands over each shard's errors CSV: those go with their shard.
+    globbed = sorted(tmp_path.glob("part*.csv"))
+    assert any(p.name.endswith(".errors.csv") for p in globbed)
+    assert cli("merge", tmp_path / "globbed.csv", *globbed).exit_code == 1
+    assert_same_rows(tmp_path / "globbed.csv", reference)
 
     # Refusals: the same shard twice, a missing shard, an existing output, an unknown CSV.
     assert cli("merge", tmp_path / "m2.csv", shards[0], shards[0], shards[1], shards[2]).exit_code == 3
