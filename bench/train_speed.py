@@ -4,7 +4,8 @@
 
 Same model (small-cnn), same images, same batch size; the first epoch (tracing) is
 excluded from every figure:
-  in-memory      model.fit on tf.data.Dataset.from_tensor_slices(decoded arrays).cache() (the ceiling)
+  in-memory      model.fit on tf.data.Dataset.from_tensor_slices(decoded arrays).cache(), validating each
+                 epoch on in-memory arrays (the ceiling)
   cvtool         cvtool.train.train (decode-once cache, tf.data, precise BN), --no-hflip for a like-for-like
                  figure and with its default augmentation
   datagen        the seeds' loop: tf_keras ImageDataGenerator(rescale).flow_from_directory + fit
@@ -68,6 +69,7 @@ def main() -> None:
     print(f"# train_speed on {machine()}: {len(splits.train)} training images from {args.data}, {args.size} px")
     t0 = time.perf_counter()
     train_set = decode_set(splits.train, size, quiet=True)
+    val_set = decode_set(splits.validation, size, quiet=True)
     print(f"decode-once cache: {time.perf_counter() - t0:.1f} s for {len(train_set.labels)} images")
     n_classes = len(splits.class_names)
 
@@ -90,7 +92,9 @@ def main() -> None:
         .prefetch(tf.data.AUTOTUNE)
     )
     timing = EpochTimes()
-    compiled().fit(ds, epochs=args.epochs, verbose=0, callbacks=[timing.callback()])
+    # Validation each epoch, as cvtool train does (its epoch time includes it).
+    val = (val_set.images.astype(np.float32), val_set.labels)
+    compiled().fit(ds, epochs=args.epochs, verbose=0, callbacks=[timing.callback()], validation_data=val, batch_size=args.batch_size)
     base = timing.steady
     row("fit on in-memory tensors, s/epoch", base, "s")
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from cvtool.bundle import save_model
 from cvtool.outputs import write_csv, write_json
-from cvtool.runtime import keras
+from cvtool.runtime import keras, tf
 
 HISTORY_FILE = "history.csv"
 CHECKPOINT_DIR = "checkpoints"
@@ -52,6 +52,7 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
     def __init__(self, dataset, steps_per_epoch: int, max_batches: int = 16):
         super().__init__()
         self.dataset, self.steps, self.max_batches = dataset, steps_per_epoch, max_batches
+        self._forward = None  # a compiled training-mode forward pass (eager calls cost several times more)
 
     def on_train_batch_end(self, batch, logs=None):
         if batch + 1 == self.steps:
@@ -70,11 +71,22 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
         if not bns:
             return
         saved = [layer.momentum for layer in bns]
+        sums, n = None, 0
         try:
-            for i, batch in enumerate(self.dataset.take(self.max_batches)):
-                for layer in bns:
-                    layer.momentum = i / (i + 1)  # cumulative mean of the batch statistics
-                self.model(batch[0], training=True)
+            # With momentum 0 a training-mode call leaves exactly that batch's statistics in the moving
+            # averages; the compiled function is traced (and retraced) only while momentum is 0.
+            for layer in bns:
+                layer.momentum = 0.0
+            if self._forward is None:
+                self._forward = tf.function(lambda x: self.model(x, training=True), reduce_retracing=True)
+            for batch in self.dataset.take(self.max_batches):
+                self._forward(batch[0])
+                stats = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in bns]
+                sums = stats if sums is None else [(a + m, b + v) for (a, b), (m, v) in zip(sums, stats)]
+                n += 1
+            for layer, (mean_sum, var_sum) in zip(bns, sums or []):
+                layer.moving_mean.assign(mean_sum / n)
+                layer.moving_variance.assign(var_sum / n)
         finally:
             for layer, momentum in zip(bns, saved):
                 layer.momentum = momentum
@@ -310,7 +322,6 @@ class ResumePoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         name = f"last-epoch-{epoch + 1:03d}.keras"
         save_model(self.model, self.folder / name)
-        previous = read_resume_point(self.folder.parent)
         state = {
             **self.info,
             "epoch": epoch + 1,
@@ -318,8 +329,11 @@ class ResumePoint(keras.callbacks.Callback):
             "callbacks": {key: cb.state() for key, cb in self.stateful.items()},
         }
         write_json(self.folder / RESUME_FILE, state)
-        if previous and previous.get("model") not in (None, name):
-            (self.folder / previous["model"]).unlink(missing_ok=True)
+        # Every older resume point goes, including one orphaned by a kill between the two writes above
+        # and the clean-up of an earlier epoch.
+        for stale in self.folder.glob("last-epoch-*.keras"):
+            if stale.name != name:
+                stale.unlink(missing_ok=True)
 
 
 def read_resume_point(run_dir: Path) -> dict | None:
