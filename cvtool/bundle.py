@@ -125,8 +125,10 @@ def _meta_model_file(run_dir: Path) -> str:
         return MODEL_FILE
 
 
-def load_keras_model(path: str | os.PathLike, unsafe: bool = False):
-    """keras.models.load_model with safe_mode on, failures turned into one-line errors."""
+def load_keras_model(path: str | os.PathLike, unsafe: bool = False, compile: bool = False):
+    """keras.models.load_model with safe_mode on, failures turned into one-line errors.
+
+    ``compile`` restores the optimizer state too (``train --resume``)."""
     import cvtool.layers  # noqa: F401 - registers cvtool's layers for deserialisation
     from cvtool.runtime import keras
 
@@ -134,7 +136,7 @@ def load_keras_model(path: str | os.PathLike, unsafe: bool = False):
     if not path.is_file():
         raise UnusableError(f"model file not found: {path}")
     try:
-        return keras.models.load_model(path, compile=False, safe_mode=not unsafe)
+        return keras.models.load_model(path, compile=compile, safe_mode=not unsafe)
     except ValueError as exc:
         text = str(exc)
         if "safe_mode" in text or "Lambda" in text:
@@ -150,20 +152,20 @@ def load_keras_model(path: str | os.PathLike, unsafe: bool = False):
 HUB_DIR = "hub_model"
 
 
-def load_hub_model(handle: str | os.PathLike):
-    """A TF-Hub SavedModel (handle URL, or local folder) loaded with ``hub.load``: a callable on [0, 1] images."""
+HUB_OFFLINE_HINT = "offline, pass a local SavedModel folder (hub:PATH) or set TFHUB_CACHE_DIR to a cache that holds it"
+
+
+def load_hub_model(handle: str | os.PathLike, hint: str = HUB_OFFLINE_HINT):
+    """A TF-Hub model (handle URL, or local SavedModel folder) loaded with ``hub.load``; ``hint`` says what to do
+    when it cannot be had (the one hub loading path: finetune's hub: backbones and segment use it)."""
     from cvtool.runtime import tensorflow_hub
 
     hub = tensorflow_hub()
-
     try:
         return hub.load(str(handle))
     except Exception as exc:  # noqa: BLE001 - download errors, missing folder, not a SavedModel...
         reason = first_line(f"{type(exc).__name__}: {exc}")
-        raise UnusableError(
-            f"cannot load hub model {handle} ({reason}); offline, pass a local SavedModel folder "
-            "(hub:PATH) or set TFHUB_CACHE_DIR to a cache that holds it"
-        ) from None
+        raise UnusableError(f"cannot load {handle} ({reason}); {hint}") from None
 
 
 def hub_features(extractor, images: np.ndarray, batch_size: int = 32) -> np.ndarray:

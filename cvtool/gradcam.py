@@ -98,12 +98,6 @@ def write_maps(
     return written
 
 
-def _inputs_outside(items: list[InputItem], out_dir: Path) -> list[InputItem]:
-    """Leave out files under the output folder (DIR inside INPUT: a re-run must not read its own overlays)."""
-    root = out_dir.resolve()
-    return [item for item in items if root not in item.path.resolve().parents]
-
-
 def gradcam(
     model: str | Path | Classifier,
     input: str | Path,
@@ -146,7 +140,7 @@ def gradcam(
     job = BatchJob(
         out_dir / INDEX_FILE, overwrite, resume, shard, errors=out_dir / ERRORS_FILE, grouped=True
     )  # refuses early
-    items = _inputs_outside(list_images(input), out_dir)
+    items = list_images(input, exclude=out_dir)
     if not items:
         warn(f"no images found in {input}")
     classifier = model if isinstance(model, Classifier) else load_classifier(model, unsafe=unsafe_load, weights=weights)

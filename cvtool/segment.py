@@ -13,7 +13,6 @@ its input's own size.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -146,7 +145,7 @@ def segment(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir} is a file; --out needs a folder")
-    items = _without_outputs(list_images(input), out_dir)
+    items = list_images(input, exclude=out_dir)
     if not items:
         warn(f"no images found in {input}")
     given = read_class_file(cfg.classes) if cfg.classes is not None else None
@@ -333,21 +332,6 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     if h < 1 or w < 1:
         raise UsageError(f"--input-size takes positive sides, got {text!r}")
     return h, w
-
-
-def _without_outputs(items: list[InputItem], out_dir: Path) -> list[InputItem]:
-    """Leave out files inside the output folder when it lies inside INPUT (a re-run must not segment masks)."""
-    if not out_dir.exists():
-        return items
-    root = out_dir.resolve()
-    return [item for item in items if not _inside(item.path, root)]
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        return Path(os.path.realpath(path)).is_relative_to(root)
-    except OSError:
-        return False
 
 
 def _check_free(out_dir: Path, names: dict[str, str], overlay_format: str, overwrite: bool) -> None:

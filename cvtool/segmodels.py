@@ -70,21 +70,18 @@ def load_segmentation_model(spec: str | os.PathLike = DEFAULT_MODEL, unsafe: boo
 
 
 def _hub_load(handle: str, remote: bool):
-    from cvtool.runtime import tensorflow_hub
+    from cvtool.bundle import load_hub_model
 
-    hub = tensorflow_hub()
+    if remote:
+        return load_hub_model(handle, REMOTE_HINT)
+    return load_hub_model(handle, "is it a SavedModel folder (with saved_model.pb)?")
 
-    try:
-        return hub.load(handle)
-    except Exception as exc:  # noqa: BLE001 - download, archive and SavedModel errors all end here
-        reason = first_line(exc)
-        if remote:
-            raise UnusableError(
-                f"cannot load {handle} ({type(exc).__name__}: {reason}); without network, download the model "
-                "archive on another machine (the handle URL plus ?tf-hub-format=compressed, or from Kaggle Models), "
-                "extract it and pass the folder with --model, or point TFHUB_CACHE_DIR at a cache that holds it"
-            ) from None
-        raise UnusableError(f"cannot load SavedModel {handle}: {type(exc).__name__}: {reason}") from None
+
+REMOTE_HINT = (
+    "without network, download the model archive on another machine (the handle URL plus "
+    "?tf-hub-format=compressed, or from Kaggle Models), extract it and pass the folder with --model, "
+    "or point TFHUB_CACHE_DIR at a cache that holds it"
+)
 
 
 def _from_hub_object(obj, source: str) -> SegmentationModel:

@@ -276,15 +276,10 @@ class Trainer:
 
     def load_resume_model(self, state: dict):
         """The model of the resume point, compiled, with its optimizer state."""
-        import cvtool.layers  # noqa: F401 - registers cvtool's layers
-        from cvtool.runtime import keras
+        from cvtool.bundle import load_keras_model
 
-        path = self.run_dir / CHECKPOINT_DIR / state["model"]
-        try:
-            with self.strategy.scope():
-                return keras.models.load_model(path, compile=True)
-        except Exception as exc:  # noqa: BLE001 - one-line error
-            raise UnusableError(f"cannot resume from {path}: {type(exc).__name__}: {exc}") from None
+        with self.strategy.scope():
+            return load_keras_model(self.run_dir / CHECKPOINT_DIR / state["model"], compile=True)
 
     def compile(self, model, lr: float) -> None:
         with self.strategy.scope():

@@ -124,6 +124,8 @@ def make_corpus(root: Path) -> Corpus:
     bad("bomb.png", bomb_png(), "too large")
     os.symlink("no_such_file.jpg", root / "dangling_link.jpg")
     c.bad["dangling_link.jpg"] = "broken symbolic link"
+    os.symlink("self_link.jpg", root / "self_link.jpg")  # a file link to itself: resolving it loops
+    c.bad["self_link.jpg"] = "broken symbolic link"
 
     # Not inputs at all.
     (root / "empty_folder").mkdir()
