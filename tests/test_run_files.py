@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import stat
 from contextlib import contextmanager
@@ -96,3 +97,50 @@ def test_every_file_the_commands_write_is_readable_by_others_under_umask_022(tra
     assert any(n.endswith(".mask.png") for n in names) and files_under(out / "cam")
     modes = {str(p): stat.S_IMODE(p.stat().st_mode) for p in written}
     assert {p: oct(m) for p, m in modes.items() if m & 0o044 != 0o044 or m & 0o022} == {}  # rw-r--r--
+
+
+def test_model_keras_is_the_deployable_model_without_optimizer_state(trained):
+    from cvtool.runtime import keras
+
+    run, _ = trained
+    model_file = run / "model.keras"
+    weights = n_weights(model_file)
+    assert model_file.stat().st_size <= 1.5 * BYTES_PER_WEIGHT * weights
+    loaded = keras.models.load_model(model_file)  # Keras' own loader, compile=True: nothing to compile
+    assert not loaded.compiled and getattr(loaded, "optimizer", None) is None
+    for checkpoint in (run / "checkpoints").glob("epoch-*.keras"):  # every-epoch files: deployable too
+        assert checkpoint.stat().st_size <= 1.5 * BYTES_PER_WEIGHT * weights, checkpoint.name
+
+
+def test_resume_point_keeps_the_exact_optimizer_state(trained):
+    from cvtool.bundle import load_keras_model
+
+    run, model = trained
+    state = json.loads((run / "checkpoints" / "last.json").read_text())
+    resumed = load_keras_model(run / "checkpoints" / state["model"], compile=True)
+    assert int(resumed.optimizer.iterations) == 2 * STEPS_PER_EPOCH
+    mine = {v.path: v.numpy() for v in model.optimizer.variables}
+    theirs = {v.path: v.numpy() for v in resumed.optimizer.variables}
+    assert mine.keys() == theirs.keys() and len(mine) > 2  # Adam's moments, not only the counters
+    assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_best_checkpoint_is_model_keras_itself_not_a_second_copy(trained):
+    run, _ = trained
+    best = json.loads((run / "cvtool.json").read_text())["metrics"]["best_epoch"]
+    (best_file,) = (run / "checkpoints").glob(f"epoch-{best:03d}-*.keras")
+    assert best_file.samefile(run / "model.keras")
+    others = [p for p in (run / "checkpoints").glob("epoch-*.keras") if p != best_file]
+    assert len(others) == 1 and not others[0].samefile(run / "model.keras")
+
+
+def test_checkpoint_file_as_model_predicts_class_names_and_evaluates(trained, colour_data, tmp_path):
+    run, _ = trained
+    data = colour_data / "validation"
+    for checkpoint in sorted((run / "checkpoints").glob("*.keras")):  # epoch files and the resume point
+        preds = tmp_path / f"{checkpoint.stem}.csv"
+        invoke("predict", checkpoint, data, "--out", preds, "-q")
+        assert {r["label"] for r in read_csv(preds)} <= {"blue", "green", "red"}
+        report = tmp_path / checkpoint.stem
+        invoke("evaluate", checkpoint, data, "--out", report, "-q")
+        assert json.loads((report / "metrics.json").read_text())["samples"] == 36
