@@ -25,6 +25,7 @@ from cvtool.outputs import atomic_path, write_json
 
 META_FILE = "cvtool.json"
 MODEL_FILE = "model.keras"
+CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
 ENSEMBLE_KEY = "ensemble"
 
@@ -66,10 +67,45 @@ def versions() -> dict:
     return {"cvtool": __version__, "tensorflow": tf.__version__, "keras": keras.__version__}
 
 
-def save_model(model, path: str | os.PathLike) -> Path:
-    """Save a Keras model atomically (a killed run never leaves a half-written model.keras)."""
+def save_model(model, path: str | os.PathLike, *, optimizer: bool = False) -> Path:
+    """Save a Keras model atomically (a killed run never leaves a half-written model.keras).
+
+    The file is the deployable model, architecture and weights: a compiled model's optimizer
+    state (Adam's two moments per weight, twice the weights' size) is left out unless
+    ``optimizer`` is set, as resume points need it.
+
+    Example: ``save_model(model, run_dir / "model.keras")``
+    """
+    if not optimizer and getattr(model, "optimizer", None) is not None:
+        model = deployable(model)
     with atomic_path(path, suffix=".keras") as tmp:  # Keras insists on the .keras extension
         model.save(tmp)
+    return Path(path)
+
+
+def deployable(model):
+    """The same architecture with the same weights, not compiled: no optimizer to save.
+
+    (``keras.models.clone_model`` would compile the copy again, with a fresh optimizer.)
+    """
+    import cvtool.layers  # noqa: F401 - registers cvtool's layers for from_config
+
+    copy = model.__class__.from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def link_model(saved: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``path`` becomes a second name of the saved file ``saved`` (a hard link: no second copy on
+    disk), atomically; where the filesystem has no hard links, a copy."""
+    import shutil
+
+    with atomic_path(path, suffix=".keras") as tmp:
+        tmp.unlink()
+        try:
+            os.link(saved, tmp)
+        except OSError:
+            shutil.copyfile(saved, tmp)
     return Path(path)
 
 
@@ -98,7 +134,12 @@ def read_meta(run_dir: str | os.PathLike) -> dict:
 
 
 def resolve_model_path(spec: str | os.PathLike) -> tuple[Path, Path | None]:
-    """(model file, run directory or None) for a run directory or a model file."""
+    """(model file, run directory or None) for a run directory or a model file.
+
+    A model file belongs to the run directory it lies in, or, in that run's
+    ``checkpoints/`` (epoch checkpoints, resume points), to that run: its
+    cvtool.json gives the class names and input size.
+    """
     path = Path(spec)
     if not path.exists():
         raise UsageError(f"model not found: {path}")
@@ -114,8 +155,8 @@ def resolve_model_path(spec: str | os.PathLike) -> tuple[Path, Path | None]:
                 f"give a run directory or a .keras file"
             )
         raise UnusableError(f"{path} is not a run directory: it has no {META_FILE} or {MODEL_FILE}")
-    run_dir = path.parent if (path.parent / META_FILE).exists() else None
-    return path, run_dir
+    owners = [path.parent, path.parent.parent] if path.parent.name == CHECKPOINT_DIR else [path.parent]
+    return path, next((folder for folder in owners if (folder / META_FILE).exists()), None)
 
 
 def _meta_model_file(run_dir: Path) -> str:
@@ -157,7 +198,11 @@ HUB_OFFLINE_HINT = "offline, pass a local SavedModel folder (hub:PATH) or set TF
 
 def load_hub_model(handle: str | os.PathLike, hint: str = HUB_OFFLINE_HINT):
     """A TF-Hub model (handle URL, or local SavedModel folder) loaded with ``hub.load``; ``hint`` says what to do
-    when it cannot be had (the one hub loading path: finetune's hub: backbones and segment use it)."""
+    when it cannot be had (the one hub loading path: finetune's hub: backbones and segment use it).
+
+    Keep the returned object for as long as any of its functions or signatures is used: they hold
+    its variables only weakly, and fail once the object is garbage collected.
+    """
     from cvtool.runtime import tensorflow_hub
 
     hub = tensorflow_hub()

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cvtool.bundle import save_model
+from cvtool.bundle import CHECKPOINT_DIR, link_model, save_model
 from cvtool.outputs import write_csv, write_json
 from cvtool.runtime import keras, tf
 
 HISTORY_FILE = "history.csv"
-CHECKPOINT_DIR = "checkpoints"
 LOG_DIR = "logs"
 RESUME_FILE = "last.json"
 CHECKPOINT_POLICIES = ("best", "every-epoch", "none")
@@ -128,14 +127,16 @@ class MonitorTracker:
 class BestModelSaver(keras.callbacks.Callback):
     """Saves the model atomically to ``path`` (model.keras) whenever the monitor improves.
 
-    Keeps the best weights in memory too, so early stopping can restore them
-    without reading the file back.
+    The file is the deployable model, without the optimizer's state (resume
+    points keep that). Keeps the best weights in memory too, so early stopping
+    can restore them without reading the file back.
     """
 
     def __init__(self, path: Path, tracker: MonitorTracker):
         super().__init__()
         self.path, self.tracker = Path(path), tracker
         self.best_weights = None
+        self.saved_epoch = 0  # 1-based epoch that ``path`` was last written for in this process; 0: none
 
     @property
     def best_epoch(self) -> int:
@@ -149,6 +150,7 @@ class BestModelSaver(keras.callbacks.Callback):
         if self.tracker.update(epoch, logs or {}):
             self.best_weights = self.model.get_weights()
             save_model(self.model, self.path)
+            self.saved_epoch = epoch + 1
 
     def restore_best(self) -> bool:
         """Put the best weights back into the model; False when there are none."""
@@ -170,28 +172,37 @@ class BestModelSaver(keras.callbacks.Callback):
 
 
 class Checkpointer(keras.callbacks.Callback):
-    """``RUN/checkpoints/epoch-003-val_loss-0.4123.keras`` per ``policy``.
+    """``RUN/checkpoints/epoch-003-val_loss-0.4123.keras`` per ``policy``: deployable models, like model.keras.
 
     ``best`` keeps one file, the best epoch so far (same rule as model.keras);
-    ``every-epoch`` keeps one file per epoch; ``none`` writes none.
+    ``every-epoch`` keeps one file per epoch; ``none`` writes none. The file of
+    the epoch that ``saver`` has just written to model.keras is a hard link to
+    it, not a second copy. Runs after ``saver`` in the callback list.
     """
 
-    def __init__(self, folder: Path, policy: str, tracker: MonitorTracker, loss_key: str):
+    def __init__(self, folder: Path, policy: str, saver: BestModelSaver, loss_key: str):
         super().__init__()
-        self.folder, self.policy, self.tracker, self.loss_key = Path(folder), policy, tracker, loss_key
+        self.folder, self.policy, self.saver, self.loss_key = Path(folder), policy, saver, loss_key
+        self.tracker = saver.tracker
         self.current_best: str | None = None
 
     def file_name(self, epoch: int, logs: dict) -> str:
         value = logs.get(self.loss_key, float("nan"))
         return f"epoch-{epoch + 1:03d}-{self.loss_key}-{float(value):.4f}.keras"
 
+    def save(self, epoch: int, path: Path) -> None:
+        if self.saver.saved_epoch == epoch + 1:
+            link_model(self.saver.path, path)
+        else:
+            save_model(self.model, path)
+
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         if self.policy == "every-epoch":
-            save_model(self.model, self.folder / self.file_name(epoch, logs))
+            self.save(epoch, self.folder / self.file_name(epoch, logs))
         elif self.policy == "best" and self.tracker.best_epoch == epoch + 1:
             name = self.file_name(epoch, logs)
-            save_model(self.model, self.folder / name)
+            self.save(epoch, self.folder / name)
             if self.current_best and self.current_best != name:
                 (self.folder / self.current_best).unlink(missing_ok=True)
             self.current_best = name
@@ -309,7 +320,8 @@ class EpochLogger(keras.callbacks.Callback):
 class ResumePoint(keras.callbacks.Callback):
     """After every epoch, the resume point: ``checkpoints/last-epoch-NNN.keras`` + ``checkpoints/last.json``.
 
-    The model is saved with its optimizer state; ``last.json`` (epoch reached,
+    The model is saved with its optimizer state (model.keras and the checkpoints
+    leave it out); ``last.json`` (epoch reached,
     the run's config and the other callbacks' state) is written after it and
     names it, both atomically, so a run killed at any moment (kill -9 included)
     leaves a consistent pair that ``--resume`` continues from.
@@ -321,7 +333,7 @@ class ResumePoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         name = f"last-epoch-{epoch + 1:03d}.keras"
-        save_model(self.model, self.folder / name)
+        save_model(self.model, self.folder / name, optimizer=True)
         state = {
             **self.info,
             "epoch": epoch + 1,

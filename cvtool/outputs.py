@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,10 +37,20 @@ def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def temp_path(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    return Path(name)
+def temp_path(path: Path, suffix: str = ".part") -> Path:
+    """A new, empty, hidden file beside ``path`` (``.NAME.<random><suffix>``), to be renamed over it.
+
+    Created with mode 0o666 less the umask, as ``open()`` creates files (``tempfile.mkstemp`` makes
+    them 0600, and the rename would hand that to every result: unreadable to other users).
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 class CsvWriter:
@@ -175,9 +185,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".part") -> Iterator[Path
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = temp_path(path, suffix)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,9 @@ class SegmentationModel:
     how: str  # "predict", "__call__", "serving_default" or "keras"
     input_size: tuple[int, int] | None = None  # fixed (height, width) the model demands, if any
     input_dtype: str = "float32"
+    # The loaded object behind ``call``. A restored SavedModel's functions and signatures hold its
+    # variables only weakly; the object owns them, so it lives as long as ``call`` is used.
+    owner: Any = field(default=None, repr=False)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         from cvtool.runtime import tf
@@ -87,15 +90,17 @@ REMOTE_HINT = (
 def _from_hub_object(obj, source: str) -> SegmentationModel:
     predict = getattr(obj, "predict", None)
     if callable(predict):
-        return _from_function(predict, source, "predict")
-    if callable(obj):
-        return _from_function(obj, source, "__call__")
-    signatures = getattr(obj, "signatures", None) or {}
-    if "serving_default" in signatures:
-        return _from_signature(signatures["serving_default"], source)
-    raise UnusableError(
-        f"{source} has nothing to call: no predict method, no __call__ and no serving_default signature"
-    )
+        model = _from_function(predict, source, "predict")
+    elif callable(obj):
+        model = _from_function(obj, source, "__call__")
+    elif "serving_default" in (getattr(obj, "signatures", None) or {}):
+        model = _from_signature(obj.signatures["serving_default"], source)
+    else:
+        raise UnusableError(
+            f"{source} has nothing to call: no predict method, no __call__ and no serving_default signature"
+        )
+    model.owner = obj
+    return model
 
 
 def _from_function(fn, source: str, how: str) -> SegmentationModel:

@@ -248,7 +248,7 @@ class Trainer:
         self.tracker = MonitorTracker(monitor, cfg.min_delta)
         self.saver = BestModelSaver(run_dir / MODEL_FILE, self.tracker)
         loss_key = "val_loss" if data.has_val else "loss"
-        self.checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, cfg.checkpoint, self.tracker, loss_key)
+        self.checkpointer = Checkpointer(run_dir / CHECKPOINT_DIR, cfg.checkpoint, self.saver, loss_key)
         self.stopper = EarlyStopper(cfg.patience, self.saver)
         self.history = HistoryWriter(run_dir)
         self.resume_point = ResumePoint(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -142,7 +143,28 @@ def test_finetune_hub_feature_extractor_predicts_from_the_run_alone(colour_data,
     correct = sum(r["path"].split("/")[0] == r["label"] for r in rows)
     assert correct / len(rows) >= 0.8  # colours separate cleanly on mean-colour features
 
+    # Loaded again and used after a garbage collection: the classifier keeps the hub model, which owns
+    # the variables its function reads, alive. Its scores are predict's.
+    from cvtool.bundle import load_classifier
+    from cvtool.images import load_image
+
+    classifier = load_classifier(moved)
+    gc.collect()
+    images = np.stack([load_image(colour_data / "validation" / r["path"], (32, 32)) for r in rows[:4]])
+    scores = classifier.predict(images).max(axis=1)
+    np.testing.assert_allclose(scores, [float(r["score"]) for r in rows[:4]], atol=1e-5)
+
     # Grad-CAM has no image layers to explain in a head on feature vectors: exit 3, one line, no traceback
     cam = runner.invoke(app, ["gradcam", str(moved), str(colour_data / "validation"), "--out", str(tmp_path / "cam")])
     assert cam.exit_code == 3 and "needs a Keras image model" in cam.output
     assert cam.output.count("\n") == 1 and "Traceback" not in cam.output
+
+
+def test_hub_feature_extractor_runs_after_garbage_collection(tmp_path):
+    from cvtool.bundle import hub_features, load_hub_model
+
+    extractor = load_hub_model(make_hub_model(tmp_path / "hub"))
+    gc.collect()  # the loaded object owns the variables; the caller holds it, so they live
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    want = np.maximum(images.mean(axis=(1, 2)) / 255.0 @ extractor.w.numpy() * 4.0, 0.0)
+    np.testing.assert_allclose(hub_features(extractor, images, batch_size=2), want, rtol=1e-4, atol=1e-5)

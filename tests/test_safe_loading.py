@@ -86,7 +86,9 @@ def test_damaged_model_file_is_exit_3_in_one_line(damage, run_copy, colour_data,
 def test_saved_model_without_a_usable_signature_is_exit_3(colour_data, tmp_path):
     from cvtool.runtime import tf
 
-    tf.saved_model.save(tf.Module(), str(tmp_path / "saved"))
+    module = tf.Module()
+    module.v = tf.Variable(1.0)  # real SavedModels hold variables
+    tf.saved_model.save(module, str(tmp_path / "saved"))
     result = cli("predict", tmp_path / "saved", colour_data / "validation", "--out", tmp_path / "p.csv")
     one_line_error(result, 3, "SavedModel")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import json
 import shutil
@@ -71,25 +72,46 @@ def models(tmp_path_factory) -> dict[str, Path]:
         background = tf.fill(tf.shape(x[..., :1]), BG_THRESHOLD)
         return tf.concat([background, x] + [tf.zeros_like(background)] * extra, axis=-1)
 
+    # Like real models (HRNet), each holds a tf.Variable: a loader that drops the loaded object while
+    # keeping one of its functions fails on it once the object is garbage collected.
     class HubLike(tf.Module):  # like HRNet: a predict method, [B,H,W,33] probabilities
+        def __init__(self):
+            super().__init__()
+            self.sharpness = tf.Variable(50.0)
+
         @tf.function(input_signature=[spec])
         def predict(self, x):
-            return tf.nn.softmax(scores(x, 29) * 50.0)
+            return tf.nn.softmax(scores(x, 29) * self.sharpness)
 
     class Callable(tf.Module):  # a plain callable: 4 logits (background + 3 classes)
+        def __init__(self):
+            super().__init__()
+            self.scale = tf.Variable(1.0)
+
         @tf.function(input_signature=[spec])
         def __call__(self, x):
-            return scores(x, 0)
+            return scores(x, 0) * self.scale
 
-    @tf.function(input_signature=[spec])
-    def ids(x):  # serving_default only: a map of class ids
-        return {"class_ids": tf.argmax(x, axis=-1, output_type=tf.int32)}
+    class Signature(tf.Module):  # serving_default only: a map of class ids
+        def __init__(self):
+            super().__init__()
+            self.gain = tf.Variable([1.0, 1.0, 1.0])
+
+        @tf.function(input_signature=[spec])
+        def ids(self, x):
+            return {"class_ids": tf.argmax(x * self.gain, axis=-1, output_type=tf.int32)}
+
+    class Nothing(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = tf.Variable(0.0)
 
     paths = {name: root / name for name in ("predict", "call", "signature", "nothing")}
     tf.saved_model.save(HubLike(), str(paths["predict"]))
     tf.saved_model.save(Callable(), str(paths["call"]))
-    tf.saved_model.save(tf.Module(), str(paths["signature"]), signatures={"serving_default": ids})
-    tf.saved_model.save(tf.Module(), str(paths["nothing"]))
+    signature = Signature()
+    tf.saved_model.save(signature, str(paths["signature"]), signatures={"serving_default": signature.ids})
+    tf.saved_model.save(Nothing(), str(paths["nothing"]))
 
     inputs = keras.Input((None, None, 3))
     conv = keras.layers.Conv2D(3, 1, use_bias=False, name="identity")
@@ -112,6 +134,22 @@ def test_hub_load_path_finds_predict_call_and_signature(models):
     assert load_segmentation_model(models["signature"]).how == "serving_default"
     assert load_segmentation_model(models["keras"]).how == "keras"
     assert load_segmentation_model(models["keras16"]).input_size == (16, 16)
+
+
+@pytest.mark.parametrize("name", ["predict", "call", "signature", "keras"])
+def test_loaded_model_with_variables_runs_after_garbage_collection(models, name):
+    # The loaded object owns the variables its functions use: it must live as long as the model does.
+    model = load_segmentation_model(models[name])
+    gc.collect()
+    batch = noise_image((8, 8), 0)[None].astype(np.float32) / 255.0
+    out = model.run(batch)[0]
+    if name == "signature":
+        ids = out
+    elif name == "keras":
+        ids = np.argmax(out, axis=-1)
+    else:  # channel 0 is the background score
+        ids = np.argmax(out[..., 1:4], axis=-1)
+    np.testing.assert_array_equal(ids, np.argmax(batch[0], axis=-1))
 
 
 def test_masks_equal_expected_ids_at_input_size_and_mirror_paths(models, photos, tmp_path):
