@@ -70,6 +70,7 @@ def main() -> None:
     for t in ALL[1:]:
         sets[f"identity+{t}"] = ("identity", t)
     sets[f"default ({'+'.join(DEFAULT_TRANSFORMS)})"] = DEFAULT_TRANSFORMS
+    sets["identity+hflip+crop (the old default)"] = ("identity", "hflip", "crop")
     sets["identity+hflip+crop+scale"] = ("identity", "hflip", "crop", "scale")
     sets["all 13 views"] = ALL
     table: dict[str, list[float]] = {k: [] for k in sets}

@@ -116,6 +116,8 @@ Transforms = Annotated[
         help="TTA views, comma list of identity, hflip, vflip, rot90, crop (5 crops), scale, brightness (random).",
     ),
 ]
+# cvtool.tta.DEFAULT_TRANSFORMS as the command line writes it (cvtool.tta is not imported for --help).
+TTA_DEFAULT = "identity,hflip"
 Reduce = Annotated[str, typer.Option(help="How TTA views are combined per image: mean, max or vote.")]
 CropScale = Annotated[float, typer.Option(help="Side of the TTA crops, fraction of the image (smallest for scale).")]
 Copies = Annotated[int, typer.Option(min=1, help="Random copies per jitter transform (scale, brightness).")]
@@ -371,7 +373,7 @@ def evaluate(
     unsafe_load: UnsafeLoad = False,
     weights: ImagenetWeights = None,
     use_tta: Annotated[bool, typer.Option("--tta", help="Also score TTA views and report the gain.")] = False,
-    transforms: Transforms = "identity,hflip,crop",
+    transforms: Transforms = TTA_DEFAULT,
     reduce: Reduce = "mean",
     crop_scale: CropScale = 0.875,
     copies: Copies = 2,
@@ -693,7 +695,7 @@ def tta(
     model: ModelArg,
     input: InputArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)],
-    transforms: Transforms = "identity,hflip,crop",
+    transforms: Transforms = TTA_DEFAULT,
     reduce: Reduce = "mean",
     crop_scale: CropScale = 0.875,
     copies: Copies = 2,
@@ -747,7 +749,7 @@ def ensemble(
     rule: Rule = "mean",
     weights: RuleWeights = "",
     use_tta: Annotated[bool, typer.Option("--tta", help="Apply the TTA views to every member.")] = False,
-    transforms: Transforms = "identity,hflip,crop",
+    transforms: Transforms = TTA_DEFAULT,
     reduce: Reduce = "mean",
     crop_scale: CropScale = 0.875,
     copies: Copies = 2,

@@ -24,7 +24,9 @@ from cvtool.images import list_images, resize
 from cvtool.predict import BatchJob, RunResult, Shard, write_predictions
 from cvtool.scoring import Scorer, load_scorer
 
-DEFAULT_TRANSFORMS = ("identity", "hflip", "crop")
+# Measured on clothing-small validation with default-recipe models (bench/tta_views.py, README): a flip helps,
+# crops, scale crops, vflip and rot90 hurt there.
+DEFAULT_TRANSFORMS = ("identity", "hflip")
 REDUCERS = ("mean", "max", "vote")
 
 

@@ -306,3 +306,12 @@ def test_tta_and_ensemble_help_do_not_import_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "TF_NOT_LOADED" in out.stdout and "--transforms" in out.stdout and "[default: mean]" in out.stdout
+
+
+def test_cli_tta_default_is_the_library_default_measured_to_help():
+    """The CLI's --transforms default is tta.DEFAULT_TRANSFORMS: identity + hflip (crops hurt on real photos)."""
+    from cvtool import cli
+    from cvtool.tta import DEFAULT_TRANSFORMS, TtaOptions, parse_transforms, view_counts
+
+    assert parse_transforms(cli.TTA_DEFAULT) == DEFAULT_TRANSFORMS == ("identity", "hflip")
+    assert sum(view_counts(TtaOptions()).values()) == 2
