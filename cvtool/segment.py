@@ -23,7 +23,7 @@ from PIL import Image
 from cvtool.batches import batched
 from cvtool.classmap import BACKGROUND_ID, DEFAULT_MODEL, ClassMap, camvid, numbered, read_class_file
 from cvtool.errors import UnusableError, UsageError
-from cvtool.images import InputItem, list_images, open_rgb, resize
+from cvtool.images import InputItem, list_images, load_with_original
 from cvtool.jobs import BatchJob, RunResult, Shard, remove_stale_temps
 from cvtool.outputs import save_figure, save_image
 from cvtool.progress import Progress, warn
@@ -158,10 +158,8 @@ def segment(
     fixed = cfg.input_size or seg_model.input_size
 
     def decode(item: InputItem):
-        img = open_rgb(item.path)
-        original = np.asarray(img, dtype=np.uint8)
-        size = model_input_size(original.shape[:2], fixed, cfg.max_side)
-        return original, (resize(img, size) if size != original.shape[:2] else original)
+        # The same decode and resize as every command's model input (see images.load_with_original).
+        return load_with_original(item.path, lambda full: model_input_size(full, fixed, cfg.max_side))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     seen = np.zeros(256, dtype=np.int64)

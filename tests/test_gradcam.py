@@ -324,3 +324,34 @@ def test_output_names_keep_full_name_only_on_collision():
 
     items = [InputItem(Path(p), p) for p in ("a.jpg", "a.png", "sub/b.JPG", "sub/c.d.png")]
     assert output_bases(items) == {"a.jpg": "a.jpg", "a.png": "a.png", "sub/b.JPG": "sub/b", "sub/c.d.png": "sub/c.d"}
+
+
+def large_photos(folder: Path) -> Path:
+    """Full-size JPEGs (>= 1000 px, where libjpeg's DCT-scaled decoding kicks in): upscaled sample photos."""
+    from tests.conftest import SAMPLES
+
+    folder.mkdir()
+    for i, src in enumerate(sorted(SAMPLES.rglob("*.jpg"))[::25][:4]):
+        with Image.open(src) as im:
+            im.convert("RGB").resize((1200, 1600) if i % 2 else (1600, 1200), Image.BICUBIC).save(
+                folder / f"photo{i}.jpg", quality=90
+            )
+    return folder
+
+
+def test_gradcam_scores_equal_predict_scores_on_full_size_jpegs(trained_run, tmp_path):
+    from cvtool.gradcam import gradcam
+    from cvtool.predict import predict
+
+    photos = large_photos(tmp_path / "photos")
+    predict(trained_run, photos, tmp_path / "preds.csv", top_k=1, quiet=True)
+    result = gradcam(trained_run, photos, tmp_path / "cams", quiet=True)
+    assert result.exit_code == 0 and result.processed == 4
+    predicted = {r["path"]: (r["label"], float(r["score"])) for r in read_csv(tmp_path / "preds.csv")}
+    explained = {r["path"]: (r["class"], float(r["score"])) for r in read_csv(tmp_path / "cams" / "gradcam.csv")}
+    assert predicted.keys() == explained.keys() and len(predicted) == 4
+    for path, (label, score) in predicted.items():
+        assert explained[path][0] == label
+        assert abs(explained[path][1] - score) <= 1e-4, (path, score, explained[path][1])
+    with Image.open(tmp_path / "cams" / "photo1.gradcam.jpg") as im:
+        assert im.size == (1200, 1600)  # the overlay keeps the full size
