@@ -11,7 +11,7 @@ every command's model sees the same pixels for the same image.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,6 +155,24 @@ def _decode(path: str | os.PathLike, target_size: TargetSize | None) -> tuple[Im
         raise ImageError(f"cannot decode: {_one_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - a bad file must never stop a batch
         raise ImageError(f"cannot decode: {type(exc).__name__}: {_one_line(exc)}") from None
+
+
+def open_rgb_sizes(path: str | os.PathLike, sizes: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Image.Image]:
+    """``{size: open_rgb(path, size)}`` for several model sizes (an ensemble), decoding as few times as possible.
+
+    Each size gets its own JPEG draft scale, so each model sees exactly the
+    pixels that :func:`load_image` gives it alone; a file decoded at full size
+    (not a JPEG, a small one, drafts off) is decoded once and shared.
+    """
+    out: dict[tuple[int, int], Image.Image] = {}
+    for size in dict.fromkeys(sizes):
+        if size in out:
+            continue
+        img, full = _decode(path, size)
+        if (img.height, img.width) == full:
+            return {s: img for s in dict.fromkeys(sizes)}
+        out[size] = img
+    return out
 
 
 def resize(img: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:

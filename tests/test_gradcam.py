@@ -327,15 +327,18 @@ def test_output_names_keep_full_name_only_on_collision():
 
 
 def large_photos(folder: Path) -> Path:
-    """Full-size JPEGs (>= 1000 px, where libjpeg's DCT-scaled decoding kicks in): upscaled sample photos."""
+    """Camera-size JPEGs (where libjpeg's DCT-scaled decoding kicks in): upscaled sample photos.
+
+    1600x1200 ones decode at 1/8 scale for any small model; the 400x300 ones at 1/4 for a 48 px model
+    but 1/8 for a 24 px one.
+    """
     from tests.conftest import SAMPLES
 
     folder.mkdir()
-    for i, src in enumerate(sorted(SAMPLES.rglob("*.jpg"))[::25][:4]):
+    sizes = [(1600, 1200), (1200, 1600), (400, 300), (300, 400)]
+    for i, (src, size) in enumerate(zip(sorted(SAMPLES.rglob("*.jpg"))[::25], sizes)):
         with Image.open(src) as im:
-            im.convert("RGB").resize((1200, 1600) if i % 2 else (1600, 1200), Image.BICUBIC).save(
-                folder / f"photo{i}.jpg", quality=90
-            )
+            im.convert("RGB").resize(size, Image.BICUBIC).save(folder / f"photo{i}.jpg", quality=90)
     return folder
 
 

@@ -306,3 +306,18 @@ def test_tta_and_ensemble_help_do_not_import_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "TF_NOT_LOADED" in out.stdout and "--transforms" in out.stdout and "[default: mean]" in out.stdout
+
+
+def test_ensemble_members_of_other_sizes_see_predicts_pixels_on_full_size_jpegs(loaded, tmp_path):
+    """Each member gets its own DCT-scaled decode: the 24 and 32 px members' scores equal their own predict's."""
+    from cvtool.ensemble import ensemble
+    from cvtool.predict import predict
+    from tests.test_gradcam import large_photos
+
+    photos = large_photos(tmp_path / "photos")
+    alone = []
+    for i, m in enumerate(loaded):
+        predict(m, photos, tmp_path / f"{i}.csv", top_k=3, quiet=True)
+        alone.append(as_matrix(probs_by_path(tmp_path / f"{i}.csv")))
+    ensemble(loaded, photos, tmp_path / "ens.csv", "mean", None, top_k=3, quiet=True)
+    np.testing.assert_allclose(as_matrix(probs_by_path(tmp_path / "ens.csv")), np.mean(alone, axis=0), atol=2e-5)
