@@ -19,6 +19,7 @@ from cvtool.bundle import Classifier
 from cvtool.data import LabelledSet, read_class_folders, split_dirs
 from cvtool.ensemble import ensemble_scorer
 from cvtool.errors import UnusableError, UsageError
+from cvtool.fonts import text_fonts
 from cvtool.images import InputItem
 from cvtool.metrics import rank_accuracy, summarise, true_class_rank
 from cvtool.outputs import CsvWriter, check_writable, save_figure, write_csv, write_json
@@ -461,29 +462,30 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: Path, normalise: bool
         values = values / np.maximum(values.sum(axis=1, keepdims=True), 1)
     n = len(names)
     side = min(max(4.0, 0.45 * n + 2), 30.0)
-    fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalise else max(values.max(), 1))
-    ax.set_xticks(range(n), names, rotation=90 if n > 6 else 45, ha="right" if n <= 6 else "center")
-    ax.set_yticks(range(n), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion matrix" + (" (row-normalised)" if normalise else " (counts)"))
-    if n <= 30:
-        threshold = values.max() / 2 if values.max() else 0.5
-        for i in range(n):
-            for j in range(n):
-                text = f"{values[i, j]:.2f}" if normalise else str(int(values[i, j]))
-                ax.text(
-                    j,
-                    i,
-                    text,
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if values[i, j] > threshold else "black",
-                )
-    out = save_figure(fig, path)
-    plt.close(fig)
+    with text_fonts(names):  # class names in any script (CJK ones too), no glyph warnings
+        fig, ax = plt.subplots(figsize=(side, side))
+        ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalise else max(values.max(), 1))
+        ax.set_xticks(range(n), names, rotation=90 if n > 6 else 45, ha="right" if n <= 6 else "center")
+        ax.set_yticks(range(n), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title("confusion matrix" + (" (row-normalised)" if normalise else " (counts)"))
+        if n <= 30:
+            threshold = values.max() / 2 if values.max() else 0.5
+            for i in range(n):
+                for j in range(n):
+                    text = f"{values[i, j]:.2f}" if normalise else str(int(values[i, j]))
+                    ax.text(
+                        j,
+                        i,
+                        text,
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if values[i, j] > threshold else "black",
+                    )
+        out = save_figure(fig, path)
+        plt.close(fig)
     return out
 
 
