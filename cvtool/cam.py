@@ -98,9 +98,16 @@ def _output_rank(layer) -> int | None:
 def find_target_layer(model, name: str | None = None) -> list[str]:
     """Path of layer names from ``model`` down to the target layer, e.g. ``["backbone", "out_relu"]``.
 
-    Default: the last layer with a 4-D output, descending into a nested model
-    (a finetune backbone) when that is where the last one is. ``name`` may be a
-    plain layer name, found at any depth, or a path ``backbone/Conv_1``.
+    Default: the output of the last convolution block, as in the Grad-CAM
+    paper and Keras' own example: the last convolution before the classifier
+    head (a global pooling whose map never comes back), followed through the layers after it that keep its map (batch
+    norm, activations, residual adds, concatenations) up to the first dropout
+    or pooling that shrinks the map. So small-cnn's ``block2_bn2`` (not ``block2_dropout``,
+    a map of half the resolution), MobileNetV2's ``out_relu``, VGG16's
+    ``block5_conv3``; a nested model (a finetune backbone) is searched too.
+    A model without convolutions falls back to its last layer with a 4-D
+    output. ``name`` may be a plain layer name, found at any depth, or a path
+    ``backbone/Conv_1``.
     """
     if name:
         path = _find_named(model, name.split("/")) if "/" in name else _find_anywhere(model, name)
@@ -111,10 +118,72 @@ def find_target_layer(model, name: str | None = None) -> list[str]:
         if _output_rank(layer) != 4:
             raise UsageError(f"--layer {name}: output is not 4-D [batch, height, width, channels]")
         return path
+    block = _last_conv_block(model)
+    if block is not None:
+        return block
     paths = _conv_paths(model)
     if not paths:
         raise UnusableError("the model has no layer with a 4-D output (not a convolutional network?)")
     return paths[-1]
+
+
+def _flat_layers(model, prefix: Sequence[str] = ()) -> list[tuple[list[str], object]]:
+    """(path, layer) of every layer in call order, a nested model's inner layers in place of the model."""
+    out = []
+    for layer in _chain(model):
+        if _is_model(layer):
+            out += _flat_layers(layer, [*prefix, layer.name])
+        else:
+            out.append(([*prefix, layer.name], layer))
+    return out
+
+
+def _spatial(layer) -> tuple | None:
+    """(height, width) of a 4-D output, else None."""
+    try:
+        shape = tuple(layer.output.shape)
+    except (AttributeError, ValueError, TypeError):
+        return None
+    return shape[1:3] if len(shape) == 4 else None
+
+
+def _last_conv_block(model) -> list[str] | None:
+    """The path of the last convolution block's output (see :func:`find_target_layer`), or None."""
+    from cvtool.runtime import keras
+
+    convs = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
+    stops = (keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianDropout)
+    flat = _flat_layers(model)
+    head = _head_start(flat)
+    starts = [i for i, (_, layer) in enumerate(flat[:head]) if isinstance(layer, convs) and _spatial(layer)]
+    if not starts:
+        return None
+    end, size = starts[-1], _spatial(flat[starts[-1]][1])
+    for j in range(end + 1, head):
+        layer = flat[j][1]
+        if isinstance(layer, stops) or _spatial(layer) != size:  # dropout, or pooling that shrinks the map
+            break
+        end = j
+    return flat[end][0]
+
+
+def _head_start(flat: list) -> int:
+    """Index of the global pooling that starts the classifier head, else ``len(flat)``.
+
+    That is the first global pooling whose input's map size never comes back
+    (a squeeze-and-excitation block's pooling is multiplied back onto its map;
+    MobileNetV3's head pools, then runs 1x1 convolutions on the 1x1 map).
+    """
+    for i, (_, layer) in enumerate(flat):
+        if not type(layer).__name__.startswith("Global"):
+            continue
+        try:
+            size_in = tuple(layer.input.shape)[1:3]
+        except (AttributeError, ValueError, TypeError):
+            continue
+        if not any(_spatial(later) == size_in for _, later in flat[i + 1 :]):
+            return i
+    return len(flat)
 
 
 def _conv_paths(model, prefix: Sequence[str] = ()) -> list[list[str]]:

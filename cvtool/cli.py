@@ -357,11 +357,17 @@ def evaluate(
         Path,
         typer.Option("--out", "-o", help="Folder for metrics.json, confusion matrix, predictions.", show_default=False),
     ],
-    labels: Annotated[Optional[Path], typer.Option(help="CSV of paths (relative to DATA) and labels.")] = None,
+    labels: Annotated[
+        Optional[Path], typer.Option(help="CSV of paths (relative to DATA, else to its own folder) and labels.")
+    ] = None,
     path_column: Annotated[str, typer.Option(help="Path column of --labels.")] = "path",
     label_column: Annotated[
         str, typer.Option(help="Label column of --labels: class names, WordNet ids (imagenet:) or numeric class ids.")
     ] = "label",
+    delimiter: Annotated[
+        str,
+        typer.Option(help="Field delimiter of --labels: one character or 'tab'; empty: detected from the header."),
+    ] = "",
     split: Annotated[
         str, typer.Option(help="auto (test/, else validation/, else all), test, validation, train or all.")
     ] = "auto",
@@ -417,6 +423,7 @@ def evaluate(
         tta=tta,
         rule=rule if len(models) > 1 or rule != "mean" else None,
         rule_weights=parse_weights(rule_weights),
+        delimiter=delimiter,
     )
     _report(result.processed, result.failed, result.out_dir / "metrics.json", result.out_dir / "errors.csv", quiet)
     return result.exit_code

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
+import os
 import sys
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,7 @@ from cvtool.bundle import Classifier
 from cvtool.data import LabelledSet, read_class_folders, split_dirs
 from cvtool.ensemble import ensemble_scorer
 from cvtool.errors import UnusableError, UsageError
+from cvtool.fonts import text_fonts
 from cvtool.images import InputItem
 from cvtool.metrics import rank_accuracy, summarise, true_class_rank
 from cvtool.outputs import CsvWriter, check_writable, save_figure, write_csv, write_json
@@ -72,37 +76,126 @@ def labelled_from_folder(
     return labelled, str(folder)
 
 
-def label_index(value: str, class_names: list[str], wnids: list[str] | None = None) -> int | None:
-    """A label from a CSV as a class index: a class name, a WordNet id, or a numeric id.
+class LabelIndex:
+    """Labels from a CSV as class indices: a class name, a WordNet id, or a numeric id.
 
     A value that equals a class name wins (GTSRB's ``ClassId`` 10 is the class
     named "10", which need not be index 10); then a WordNet id of a model that
-    has them (``imagenet:NAME``). Otherwise an integer is taken as an index into
-    the model's class order. A name that several classes share (ImageNet's two
-    "crane"s) raises :class:`AmbiguousLabel`.
+    has them (``imagenet:NAME``). An integer then matches the class whose name
+    is that number written with or without leading zeros (``0`` is the folder
+    ``00000``, as GTSRB's training folders are named); when no class name is a
+    number, it is an index into the model's class order. Names are compared in
+    Unicode NFC, so a label typed on macOS (NFD) matches. A value that names
+    several classes (ImageNet's two "crane"s) raises :class:`AmbiguousLabel`.
+
+    Example: ``LabelIndex(["00000", "00001"])("1")`` is 1.
     """
-    value = value.strip()
-    if value in class_names:
-        if class_names.count(value) > 1:
-            raise AmbiguousLabel(value)
-        return class_names.index(value)
-    if wnids and value in wnids:
-        return wnids.index(value)
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    if number.is_integer():
-        as_name = str(int(number))
-        if as_name in class_names:
-            return class_names.index(as_name)
-        if not any(name.isdigit() for name in class_names) and 0 <= int(number) < len(class_names):
-            return int(number)
-    return None
+
+    def __init__(self, class_names: Sequence[str], wnids: Sequence[str] | None = None):
+        self.by_name: dict[str, list[int]] = {}
+        self.by_number: dict[int, list[int]] = {}
+        for i, name in enumerate(class_names):
+            name = _nfc(name)
+            self.by_name.setdefault(name, []).append(i)
+            if name.isascii() and name.isdigit():
+                self.by_number.setdefault(int(name), []).append(i)
+        self.by_wnid = {w: i for i, w in enumerate(wnids or [])}
+        self.count = len(class_names)
+
+    def __call__(self, value: str) -> int | None:
+        value = _nfc(value.strip())
+        if value in self.by_name:
+            return _only(self.by_name[value], value)
+        if value in self.by_wnid:
+            return self.by_wnid[value]
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        if not number.is_integer():
+            return None
+        if self.by_number:
+            found = self.by_number.get(int(number))
+            return _only(found, value) if found else None
+        return int(number) if 0 <= number < self.count else None
+
+
+def _only(indices: list[int], value: str) -> int:
+    if len(indices) > 1:
+        raise AmbiguousLabel(value)
+    return indices[0]
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def label_index(value: str, class_names: list[str], wnids: list[str] | None = None) -> int | None:
+    """One label as a class index (see :class:`LabelIndex`); build a LabelIndex once for many labels."""
+    return LabelIndex(class_names, wnids)(value)
 
 
 class AmbiguousLabel(ValueError):
     """A label that names several of the model's classes."""
+
+
+LABEL_DELIMITERS = (",", ";", "\t", "|")
+
+
+def parse_delimiter(text: str | None) -> str | None:
+    """``--delimiter``: one character, ``tab`` (or ``\\t``); empty or None: detect it from the header."""
+    if not text:
+        return None
+    if text.lower() in ("tab", "\\t"):
+        return "\t"
+    if len(text) != 1 or text in '\r\n"':
+        raise UsageError(f"--delimiter takes one character (or 'tab'), got {text!r}")
+    return text
+
+
+def read_labels_rows(
+    labels_csv: Path, columns: Sequence[str], delimiter: str | None = None
+) -> list[tuple[int, dict[str, str]]]:
+    """The rows of a labels CSV as (line number, {column: value}).
+
+    Without ``delimiter``, it is the one among , ; tab | that splits the
+    header into fields holding all ``columns`` (the original GTSRB files use
+    ``;``, Kaggle's copies ``,``), else what :class:`csv.Sniffer` finds, else ``,``.
+    """
+    try:
+        with open(labels_csv, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+        header_line = text.splitlines()[0] if text else ""
+        if delimiter is None:
+            delimiter = _detect_delimiter(header_line, text[:65536], columns)
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in columns if c not in header]
+        if missing:
+            shown = repr(delimiter) if delimiter != "\t" else "tab"
+            raise UsageError(
+                f"{labels_csv} has no column {', '.join(missing)} (columns split at {shown}: "
+                f"{', '.join(header) or 'none'}); use --path-column / --label-column / --delimiter"
+            )
+        rows = []
+        for cells in reader:
+            if not any(c.strip() for c in cells):
+                continue  # blank line
+            rows.append((reader.line_num, dict(zip(header, cells))))
+        return rows
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"cannot read labels file {labels_csv}: {exc}") from None
+
+
+def _detect_delimiter(header_line: str, sample: str, columns: Sequence[str]) -> str:
+    for d in LABEL_DELIMITERS:
+        fields = [f.strip() for f in next(csv.reader([header_line], delimiter=d), [])]
+        if all(c in fields for c in columns):
+            return d
+    try:
+        return csv.Sniffer().sniff(sample, delimiters="".join(LABEL_DELIMITERS)).delimiter
+    except csv.Error:
+        return ","
 
 
 def labelled_from_csv(
@@ -112,43 +205,71 @@ def labelled_from_csv(
     label_column: str,
     class_names: list[str],
     wnids: list[str] | None = None,
+    delimiter: str | None = None,
 ) -> tuple[LabelledSet, list[Failure]]:
-    """Rows of a labels CSV as labelled items; rows with a bad path or unknown label become failures."""
-    try:
-        with open(labels_csv, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            missing = [c for c in (path_column, label_column) if c not in columns]
-            if missing:
-                raise UsageError(
-                    f"{labels_csv} has no column {', '.join(missing)} (columns: {', '.join(columns)}); "
-                    "use --path-column / --label-column"
-                )
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UsageError(f"cannot read labels file {labels_csv}: {exc}") from None
+    """Rows of a labels CSV as labelled items; rows that cannot be scored become failures (errors rows).
+
+    A path is looked up relative to DATA, then relative to the labels file's
+    folder (Kaggle's GTSRB: ``Test.csv`` beside ``Test/`` lists ``Test/00000.png``);
+    either way the file must lie inside DATA. Each image is scored once: a
+    repeated row with the same label is reported as a duplicate (the first
+    counts); rows that give one image different labels are all refused.
+    """
+    rows = read_labels_rows(labels_csv, (path_column, label_column), delimiter)
+    to_index = LabelIndex(class_names, wnids)
     root = data.resolve()
-    out, failures = LabelledSet(), []
-    for row in rows:
-        rel = (row.get(path_column) or "").strip()
-        item = InputItem(data / rel, rel)
-        target = (data / rel).resolve()
-        if not rel or not target.is_relative_to(root):
-            failures.append(Failure(item, "path is outside the data folder; refused"))
+    bases = [data] if labels_csv.parent.resolve() == root else [data, labels_csv.parent]
+    failures: list[Failure] = []
+    found: dict[Path, list[tuple[int, InputItem, int, str]]] = {}  # image -> its rows (line, item, label, value)
+    for line, row in rows:
+        rel, value = (row.get(path_column) or "").strip(), (row.get(label_column) or "").strip()
+        if not rel:
+            failures.append(Failure(InputItem(data, ""), f"line {line}: the {path_column} cell is empty"))
+            continue
+        path, reason = _find_labelled_file(rel, root, bases)
+        item = InputItem(path if path is not None else data / rel, rel)
+        if path is None:
+            failures.append(Failure(item, reason))
             continue
         try:
-            label = label_index(row.get(label_column) or "", class_names, wnids)
+            label = to_index(value)
         except AmbiguousLabel:
-            failures.append(
-                Failure(item, f"label {row.get(label_column)!r} names several of the model's classes; use its id")
-            )
+            failures.append(Failure(item, f"label {value!r} names several of the model's classes; use its id"))
             continue
         if label is None:
-            failures.append(Failure(item, f"label {row.get(label_column)!r} is not one of the model's classes"))
+            failures.append(Failure(item, f"label {value!r} is not one of the model's classes"))
             continue
-        out.items.append(item)
+        found.setdefault(path.resolve(), []).append((line, item, label, value))
+    out = LabelledSet()
+    for entries in found.values():
+        first_line, first, label, _ = entries[0]
+        if len({e[2] for e in entries}) > 1:
+            told = ", ".join(f"{v!r} (line {n})" for n, _, _, v in entries)
+            failures += [
+                Failure(item, f"conflicting labels for this image: {told}; not scored") for _, item, _, _ in entries
+            ]
+            continue
+        out.items.append(first)
         out.labels.append(label)
+        failures += [Failure(item, f"duplicate of line {first_line}; counted once") for _, item, _, _ in entries[1:]]
     return out, failures
+
+
+def _find_labelled_file(rel: str, root: Path, bases: Sequence[Path]) -> tuple[Path | None, str]:
+    """(the file a labels-CSV path names, or None and why): under DATA, else under the labels file's folder."""
+    forms = list(dict.fromkeys((rel, _nfc(rel), unicodedata.normalize("NFD", rel))))
+    outside = not (bases[0] / rel).resolve().is_relative_to(root)
+    for base in bases:
+        for form in forms:
+            path = base / form
+            if os.path.lexists(path):
+                if path.resolve().is_relative_to(root):
+                    return path, ""
+                outside = True
+    if outside:
+        return None, "path is outside the data folder; refused"
+    where = " or the labels file's folder" if len(bases) > 1 else ""
+    return None, f"file not found in the data folder{where}"
 
 
 def evaluate(
@@ -169,13 +290,16 @@ def evaluate(
     tta: TtaOptions | None = None,
     rule: str | None = None,
     rule_weights: Sequence[float] | None = None,
+    delimiter: str | None = None,
 ) -> EvalResult:
     """Evaluate a model on a labelled folder (or a flat folder plus a labels CSV); write reports to ``out_dir``.
 
     Several models (or an ensemble run directory) are combined by ``rule`` (``rule_weights`` for the
     weighted rule); with them or with ``tta``, ``metrics.json`` also compares each member alone, the
     combination and the TTA gain side by side. ``weights`` is a local weights file for an
-    ``imagenet:NAME`` model.
+    ``imagenet:NAME`` model. ``delimiter`` is the labels CSV's field delimiter (default: detected).
+    An evaluation in which no image could be scored is refused (:class:`UnusableError`, exit 3)
+    rather than reported as accuracy 0; its ``errors.csv`` says why.
     """
     data, out_dir = Path(data), Path(out_dir)
     if not data.is_dir():
@@ -193,12 +317,20 @@ def evaluate(
     wnids = scorer.members[0].classifier.meta.get("wnids")
     comparing = len(scorer.members) > 1 or tta is not None
     if labels is not None:
-        labelled, failures = labelled_from_csv(data, Path(labels), path_column, label_column, names, wnids)
+        labelled, failures = labelled_from_csv(
+            data, Path(labels), path_column, label_column, names, wnids, parse_delimiter(delimiter)
+        )
         source = str(labels)
     else:
         (labelled, source), failures = labelled_from_folder(data, names, split, wnids, out_dir), []
     if len(labelled) == 0 and not failures:
         raise UsageError(f"no labelled images found in {source}")
+    if len(labelled) == 0:
+        errors_csv = write_csv(out_dir / "errors.csv", ERRORS_HEADER, ([f.item.rel, f.reason] for f in failures))
+        raise UnusableError(
+            f"no usable rows in {source}: all {len(failures)} failed (first: {failures[0].item.rel or '-'}: "
+            f"{failures[0].reason}); see {errors_csv}"
+        )
     label_of = {id(item): label for item, label in zip(labelled.items, labelled.labels)}
     k = min(max(top_k, 1), len(names))
     y_true, y_pred, ranks_seen, p_true = [], [], [], []
@@ -234,6 +366,10 @@ def evaluate(
                 if compare is not None:
                     compare.add(member_probs, truth)
             progress.update(len(batch.items) + len(batch.failures))
+    if not y_true:
+        raise UnusableError(
+            f"none of the {len(labelled)} labelled images in {source} could be read; see {out_dir / 'errors.csv'}"
+        )
     metrics, cm = summarise(y_true, y_pred, ranks_seen, p_true, names, ranks)
     metrics = {"model": scorer.source, "data": source, "failed": len(failures), **metrics}
     if compare is not None:
@@ -326,29 +462,30 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: Path, normalise: bool
         values = values / np.maximum(values.sum(axis=1, keepdims=True), 1)
     n = len(names)
     side = min(max(4.0, 0.45 * n + 2), 30.0)
-    fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalise else max(values.max(), 1))
-    ax.set_xticks(range(n), names, rotation=90 if n > 6 else 45, ha="right" if n <= 6 else "center")
-    ax.set_yticks(range(n), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion matrix" + (" (row-normalised)" if normalise else " (counts)"))
-    if n <= 30:
-        threshold = values.max() / 2 if values.max() else 0.5
-        for i in range(n):
-            for j in range(n):
-                text = f"{values[i, j]:.2f}" if normalise else str(int(values[i, j]))
-                ax.text(
-                    j,
-                    i,
-                    text,
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if values[i, j] > threshold else "black",
-                )
-    out = save_figure(fig, path)
-    plt.close(fig)
+    with text_fonts(names):  # class names in any script (CJK ones too), no glyph warnings
+        fig, ax = plt.subplots(figsize=(side, side))
+        ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalise else max(values.max(), 1))
+        ax.set_xticks(range(n), names, rotation=90 if n > 6 else 45, ha="right" if n <= 6 else "center")
+        ax.set_yticks(range(n), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title("confusion matrix" + (" (row-normalised)" if normalise else " (counts)"))
+        if n <= 30:
+            threshold = values.max() / 2 if values.max() else 0.5
+            for i in range(n):
+                for j in range(n):
+                    text = f"{values[i, j]:.2f}" if normalise else str(int(values[i, j]))
+                    ax.text(
+                        j,
+                        i,
+                        text,
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if values[i, j] > threshold else "black",
+                    )
+        out = save_figure(fig, path)
+        plt.close(fig)
     return out
 
 

@@ -22,7 +22,7 @@ from cvtool.batches import batched, default_workers
 from cvtool.bundle import Classifier, load_classifier
 from cvtool.cam import CamModel, get_method
 from cvtool.errors import UsageError
-from cvtool.images import InputItem, list_images, open_rgb, resize
+from cvtool.images import InputItem, list_images, load_with_original
 from cvtool.jobs import BatchJob, RunResult, Shard, model_fingerprint, remove_stale_temps
 from cvtool.outputs import format_score, write_bytes_atomic
 from cvtool.progress import Progress, info, warn
@@ -168,8 +168,8 @@ def gradcam(
     size = classifier.image_size
 
     def decode(item: InputItem):
-        img = open_rgb(item.path)  # full size: the overlay keeps the input's size
-        return np.asarray(img, dtype=np.uint8), resize(img, size)
+        # The overlay keeps the input's full size; the model sees exactly predict's pixels.
+        return load_with_original(item.path, size)
 
     with (
         job,

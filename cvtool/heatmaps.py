@@ -1,9 +1,9 @@
 """Rendering heatmaps: colour maps, overlays, label banners, panels, image encoding.
 
-Pure NumPy/OpenCV on RGB uint8 arrays (OpenCV's BGR order stays inside this
-module); no TensorFlow. The heatmap is resized to the image's own size, so
-every picture written has the input image's size (a panel: three of them side
-by side).
+NumPy/OpenCV on RGB uint8 arrays (OpenCV's BGR order stays inside this
+module; Pillow draws banners in non-ASCII text); no TensorFlow. The heatmap
+is resized to the image's own size, so every picture written has the input
+image's size (a panel: three of them side by side).
 """
 
 from __future__ import annotations
@@ -56,12 +56,17 @@ def blend(image: np.ndarray, coloured: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def draw_label(image: np.ndarray, text: str) -> np.ndarray:
-    """White text on a black banner in the top-left corner, scaled to the image (a copy)."""
+    """White text on a black banner in the top-left corner, scaled to the image (a copy).
+
+    ASCII text is drawn with OpenCV's Hershey font; other text (``帽子: 85.03%``)
+    with Pillow and a TrueType font that has its characters (see :mod:`cvtool.fonts`).
+    """
     out = np.ascontiguousarray(image).copy()
     h, w = out.shape[:2]
-    text = text.encode("ascii", "replace").decode("ascii")  # Hershey fonts are ASCII only
-    font = cv2.FONT_HERSHEY_SIMPLEX
     scale = max(0.3, min(h, w) / 500.0)
+    if not text.isascii():
+        return _draw_label_truetype(out, text, scale)
+    font = cv2.FONT_HERSHEY_SIMPLEX
     thickness = max(1, round(scale * 2))
     pad = max(2, round(6 * scale))
     (tw, th), base = cv2.getTextSize(text, font, scale, thickness)
@@ -72,6 +77,28 @@ def draw_label(image: np.ndarray, text: str) -> np.ndarray:
     cv2.rectangle(out, (0, 0), (min(w - 1, tw + 2 * pad), th + base + 2 * pad), (0, 0, 0), -1)
     cv2.putText(out, text, (pad, pad + th), font, scale, (255, 255, 255), thickness, cv2.LINE_AA)
     return out
+
+
+def _draw_label_truetype(out: np.ndarray, text: str, scale: float) -> np.ndarray:
+    from PIL import Image, ImageDraw, ImageFont
+
+    from cvtool.fonts import font_file_for
+
+    h, w = out.shape[:2]
+    pad = max(2, round(6 * scale))
+    path = font_file_for(text)
+    size = max(6, round(24 * scale))  # about the Hershey banner's height at the same scale
+    font = ImageFont.truetype(path, size)
+    left, top, right, bottom = font.getbbox(text)
+    if right - left + 2 * pad > w:  # shrink to fit the width
+        size = max(6, int(size * (w - 2 * pad) / max(right - left, 1)))
+        font = ImageFont.truetype(path, size)
+        left, top, right, bottom = font.getbbox(text)
+    picture = Image.fromarray(out)
+    draw = ImageDraw.Draw(picture)
+    draw.rectangle((0, 0, min(w - 1, right - left + 2 * pad), bottom - top + 2 * pad), fill=(0, 0, 0))
+    draw.text((pad - left, pad - top), text, font=font, fill=(255, 255, 255))
+    return np.asarray(picture)
 
 
 def label_text(class_name: str, score: float) -> str:

@@ -1,13 +1,17 @@
 """Finding image files and decoding them: the one image loader of cvtool.
 
-Every command reads pixels through :func:`open_rgb` / :func:`load_image`, so
-EXIF orientation, colour-mode conversion (grayscale, RGBA, palette, CMYK,
-16-bit), the pixel limit and the error messages are the same everywhere.
+Every command reads pixels through :func:`open_rgb` / :func:`load_image`
+(gradcam and segment, which also draw on the original, through
+:func:`load_with_original`), so EXIF orientation, colour-mode conversion
+(grayscale, RGBA, palette, CMYK, 16-bit, float), the DCT-scaled JPEG decode,
+the resize, the pixel limit and the error messages are the same everywhere:
+every command's model sees the same pixels for the same image.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,10 @@ IMAGE_EXTENSIONS = frozenset(
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb error threshold
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
+_FLOAT_SLACK = 1e-3  # float pixels this far outside 0-1 are rounding, not another scale
+
+# A model input size (height, width), or a function of the image's upright full size that gives one.
+TargetSize = tuple[int, int] | Callable[[tuple[int, int]], tuple[int, int]]
 
 # cvtool enforces its own pixel limit (max_pixels) with a readable message.
 Image.MAX_IMAGE_PIXELS = None
@@ -87,14 +95,21 @@ def jpeg_draft_enabled() -> bool:
     return os.environ.get("CVTOOL_JPEG_DRAFT", "1") != "0"
 
 
-def open_rgb(path: str | os.PathLike, target_size: tuple[int, int] | None = None) -> Image.Image:
+def open_rgb(path: str | os.PathLike, target_size: TargetSize | None = None) -> Image.Image:
     """Decode ``path`` to an upright RGB Pillow image.
 
     ``target_size`` (height, width) is the size the caller will resize to: for
     JPEGs it lets libjpeg decode at a reduced scale (DCT scaling) that is still
-    at least that large, which makes large photos several times cheaper.
-    Raises :class:`ImageError` with a readable one-line reason.
+    at least that large, which makes large photos several times cheaper. It may
+    also be a function of the upright full size (height, width), for callers
+    whose input size depends on the image (segment). Raises :class:`ImageError`
+    with a readable one-line reason.
     """
+    return _decode(path, target_size)[0]
+
+
+def _decode(path: str | os.PathLike, target_size: TargetSize | None) -> tuple[Image.Image, tuple[int, int]]:
+    """(upright RGB image, possibly DCT-scaled; the upright full size (height, width))."""
     path = Path(path)
     limit = max_pixels()  # read before the per-file try: a bad setting is a usage error, not 100,000 bad files
     try:
@@ -116,15 +131,16 @@ def open_rgb(path: str | os.PathLike, target_size: tuple[int, int] | None = None
             is_jpeg = img.format == "JPEG"
             orientation = _orientation(img) if is_jpeg else None
             if target_size is not None and is_jpeg and jpeg_draft_enabled():
-                h, w = target_size
-                if orientation in _SWAPS_AXES:
-                    h, w = w, h
-                img.draft("RGB", (w, h))
+                swapped = orientation in _SWAPS_AXES
+                upright = (width, height) if swapped else (height, width)
+                h, w = target_size(upright) if callable(target_size) else target_size
+                img.draft("RGB", (h, w) if swapped else (w, h))
             img.load()
             if not is_jpeg:
                 orientation = _orientation(img)
             img = ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
-            return _to_rgb(img)
+            full = (width, height) if orientation in _SWAPS_AXES else (height, width)
+            return _to_rgb(img), full
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -139,6 +155,24 @@ def open_rgb(path: str | os.PathLike, target_size: tuple[int, int] | None = None
         raise ImageError(f"cannot decode: {_one_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - a bad file must never stop a batch
         raise ImageError(f"cannot decode: {type(exc).__name__}: {_one_line(exc)}") from None
+
+
+def open_rgb_sizes(path: str | os.PathLike, sizes: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Image.Image]:
+    """``{size: open_rgb(path, size)}`` for several model sizes (an ensemble), decoding as few times as possible.
+
+    Each size gets its own JPEG draft scale, so each model sees exactly the
+    pixels that :func:`load_image` gives it alone; a file decoded at full size
+    (not a JPEG, a small one, drafts off) is decoded once and shared.
+    """
+    out: dict[tuple[int, int], Image.Image] = {}
+    for size in dict.fromkeys(sizes):
+        if size in out:
+            continue
+        img, full = _decode(path, size)
+        if (img.height, img.width) == full:
+            return {s: img for s in dict.fromkeys(sizes)}
+        out[size] = img
+    return out
 
 
 def resize(img: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -158,9 +192,32 @@ def resize(img: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode ``path`` to a uint8 RGB array, resized to ``size`` (height, width) if given."""
+    """Decode ``path`` to a uint8 RGB array, resized to ``size`` (height, width) if given.
+
+    This is the model input of every command: predict, tta, ensemble, evaluate
+    and training read it here, gradcam and segment through :func:`load_with_original`.
+    """
     img = open_rgb(path, size)
     return resize(img, size) if size is not None else np.asarray(img, dtype=np.uint8)
+
+
+def load_with_original(path: str | os.PathLike, size: TargetSize) -> tuple[np.ndarray, np.ndarray]:
+    """(the upright image at its full size, the model input): for commands that draw on the original.
+
+    The model input is exactly what :func:`load_image` gives for the same size
+    (the same DCT-scaled JPEG decode and resize), so a Grad-CAM or a mask is
+    computed on the very pixels predict classifies. ``size`` may be a function
+    of the full size (height, width). A JPEG decoded at a reduced scale is
+    decoded a second time at full size for the original; other files once.
+
+    Example: ``original, x = load_with_original("photo.jpg", (224, 224))``
+    """
+    img, full = _decode(path, size)
+    decoded = np.asarray(img, dtype=np.uint8)
+    model_input = resize(decoded, size(full) if callable(size) else size)
+    if decoded.shape[:2] == full:
+        return decoded, model_input  # one array when the model takes the image at its own size
+    return np.asarray(_decode(path, None)[0], dtype=np.uint8), model_input
 
 
 def _orientation(img: Image.Image) -> int | None:
@@ -174,14 +231,42 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        # 16-bit (or 32-bit) grayscale: scale to 8 bits instead of clipping.
-        arr = np.asarray(img).astype(np.float64)
-        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        arr = np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        # Deep grayscale is scaled by its type's range, never by its content (a dark 16-bit image stays dark).
+        return Image.fromarray(_deep_to_8bit(img), "L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
+
+
+def _deep_to_8bit(img: Image.Image) -> np.ndarray:
+    """16-bit, 32-bit integer (mode I) and float (mode F) grayscale as uint8.
+
+    Integers are 16-bit data: 0-65535 maps to 0-255 (16-bit PNG, TIFF and PGM
+    files; 16-bit RGB files are scaled the same way by Pillow itself). Floats
+    are 0-1 (the convention of float image files), mapped to 0-255. Values
+    outside those ranges (32-bit integers above 65535, floats on a 0-255 scale,
+    NaN) are refused rather than guessed at: cvtool never rescales by content.
+    """
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = arr.astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise ImageError("float image with pixels that are not a number (NaN or infinity)")
+        low, high = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+        if low < -_FLOAT_SLACK or high > 1.0 + _FLOAT_SLACK:
+            raise ImageError(
+                f"float image with values from {low:.4g} to {high:.4g}, outside 0-1: cvtool reads float images "
+                "as 0-1 (scale it to 0-1, or save it as an 8- or 16-bit image)"
+            )
+        return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+    arr = arr.astype(np.int64)
+    low, high = int(arr.min(initial=0)), int(arr.max(initial=0))
+    if low < 0 or high > 65535:
+        raise ImageError(
+            f"32-bit integer image with values from {low} to {high}: cvtool reads integer images as "
+            "8- or 16-bit (0-65535)"
+        )
+    return ((arr * 255 + 32767) // 65535).astype(np.uint8)  # round(x * 255 / 65535)
 
 
 def _one_line(exc: BaseException) -> str:

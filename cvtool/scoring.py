@@ -4,8 +4,8 @@ A :class:`Scorer` is the one thing predict, tta, ensemble and evaluate run in
 their shared loop (:func:`cvtool.predict.classify_batches`):
 
 - :meth:`Scorer.decode` runs in the decode threads: it opens each image once
-  (at the largest size any member needs, for JPEG draft decoding), then builds
-  every view at every member's input size;
+  per member input size (with that size's JPEG draft scale, so each member sees
+  predict's pixels), then builds every view at that size;
 - :meth:`Scorer.score` runs the views of a whole batch of images through each
   member in one ``predict`` call, reduces the views of each image
   (``reduce_views``), aligns each member's classes to the scorer's class order
@@ -28,7 +28,7 @@ from PIL import Image
 from cvtool import combine
 from cvtool.bundle import Classifier, ModelSet, load_models
 from cvtool.errors import UnusableError
-from cvtool.images import InputItem, open_rgb, resize
+from cvtool.images import InputItem, open_rgb_sizes, resize
 
 # views(image, (height, width), rng) -> list of uint8 HxWx3 arrays, the same number for every image.
 Views = Callable[[Image.Image, tuple[int, int], np.random.Generator], list[np.ndarray]]
@@ -68,18 +68,17 @@ class Scorer:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    @property
-    def draft_size(self) -> tuple[int, int]:
-        # The same JPEG draft scale as predict and training use for a single model, so the identity view
-        # is exactly predict's input (a larger draft would change the pixels the model sees).
-        return max(m.size[0] for m in self.members), max(m.size[1] for m in self.members)
-
     def decode(self, item: InputItem) -> list[np.ndarray]:
-        """Open ``item`` once; one [views, h, w, 3] array per member (shared between members of one size)."""
-        img = open_rgb(item.path, self.draft_size)
+        """One [views, h, w, 3] array per member (shared between members of one size).
+
+        Each member size gets its own JPEG draft scale (:func:`~cvtool.images.open_rgb_sizes`): a member
+        sees exactly the pixels it sees in predict and training (a draft for a larger member would change them).
+        """
+        images = open_rgb_sizes(item.path, [m.size for m in self.members])
         by_size: dict[tuple[int, int], np.ndarray] = {}
         for m in self.members:
             if m.size not in by_size:
+                img = images[m.size]
                 # Seeded per image (not per thread or position): random views are reproducible, the same for
                 # every member, and independent of batch size and decode order.
                 rng = np.random.default_rng([self.seed, zlib.crc32(item.rel.encode("utf-8"))])

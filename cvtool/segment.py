@@ -23,7 +23,8 @@ from PIL import Image
 from cvtool.batches import batched
 from cvtool.classmap import BACKGROUND_ID, DEFAULT_MODEL, ClassMap, camvid, numbered, read_class_file
 from cvtool.errors import UnusableError, UsageError
-from cvtool.images import InputItem, list_images, open_rgb, resize
+from cvtool.fonts import text_fonts
+from cvtool.images import InputItem, list_images, load_with_original
 from cvtool.jobs import BatchJob, RunResult, Shard, remove_stale_temps
 from cvtool.outputs import save_figure, save_image
 from cvtool.progress import Progress, warn
@@ -158,10 +159,8 @@ def segment(
     fixed = cfg.input_size or seg_model.input_size
 
     def decode(item: InputItem):
-        img = open_rgb(item.path)
-        original = np.asarray(img, dtype=np.uint8)
-        size = model_input_size(original.shape[:2], fixed, cfg.max_side)
-        return original, (resize(img, size) if size != original.shape[:2] else original)
+        # The same decode and resize as every command's model input (see images.load_with_original).
+        return load_with_original(item.path, lambda full: model_input_size(full, fixed, cfg.max_side))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     seen = np.zeros(256, dtype=np.int64)
@@ -290,16 +289,17 @@ def write_legend(classes: ClassMap, path: Path, seen: np.ndarray | None = None) 
         entries = [e for e in entries if seen[e[0]]] or entries[:1]
     columns = 1 if len(entries) <= 16 else 2
     rows = -(-len(entries) // columns)
-    fig = Figure(figsize=(3.2 * columns, 0.3 * rows + 0.3))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(0, columns)
-    ax.set_ylim(rows, -0.5)
-    ax.axis("off")
-    for n, (class_id, name, color) in enumerate(entries):
-        x, y = n // rows, n % rows
-        ax.add_patch(_swatch(x + 0.04, y - 0.35, color))
-        ax.text(x + 0.2, y, f"{class_id}  {name}", va="center", fontsize=9)
-    return save_figure(fig, path)
+    with text_fonts(name for _, name, _ in entries):  # class names in any script, no glyph warnings
+        fig = Figure(figsize=(3.2 * columns, 0.3 * rows + 0.3))
+        ax = fig.add_axes((0, 0, 1, 1))
+        ax.set_xlim(0, columns)
+        ax.set_ylim(rows, -0.5)
+        ax.axis("off")
+        for n, (class_id, name, color) in enumerate(entries):
+            x, y = n // rows, n % rows
+            ax.add_patch(_swatch(x + 0.04, y - 0.35, color))
+            ax.text(x + 0.2, y, f"{class_id}  {name}", va="center", fontsize=9)
+        return save_figure(fig, path)
 
 
 def _swatch(x: float, y: float, color):

@@ -324,3 +324,81 @@ def test_output_names_keep_full_name_only_on_collision():
 
     items = [InputItem(Path(p), p) for p in ("a.jpg", "a.png", "sub/b.JPG", "sub/c.d.png")]
     assert output_bases(items) == {"a.jpg": "a.jpg", "a.png": "a.png", "sub/b.JPG": "sub/b", "sub/c.d.png": "sub/c.d"}
+
+
+def large_photos(folder: Path) -> Path:
+    """Camera-size JPEGs (where libjpeg's DCT-scaled decoding kicks in): upscaled sample photos.
+
+    1600x1200 ones decode at 1/8 scale for any small model; the 400x300 ones at 1/4 for a 48 px model
+    but 1/8 for a 24 px one.
+    """
+    from tests.conftest import SAMPLES
+
+    folder.mkdir()
+    sizes = [(1600, 1200), (1200, 1600), (400, 300), (300, 400)]
+    for i, (src, size) in enumerate(zip(sorted(SAMPLES.rglob("*.jpg"))[::25], sizes)):
+        with Image.open(src) as im:
+            im.convert("RGB").resize(size, Image.BICUBIC).save(folder / f"photo{i}.jpg", quality=90)
+    return folder
+
+
+def test_gradcam_scores_equal_predict_scores_on_full_size_jpegs(trained_run, tmp_path):
+    from cvtool.gradcam import gradcam
+    from cvtool.predict import predict
+
+    photos = large_photos(tmp_path / "photos")
+    predict(trained_run, photos, tmp_path / "preds.csv", top_k=1, quiet=True)
+    result = gradcam(trained_run, photos, tmp_path / "cams", quiet=True)
+    assert result.exit_code == 0 and result.processed == 4
+    predicted = {r["path"]: (r["label"], float(r["score"])) for r in read_csv(tmp_path / "preds.csv")}
+    explained = {r["path"]: (r["class"], float(r["score"])) for r in read_csv(tmp_path / "cams" / "gradcam.csv")}
+    assert predicted.keys() == explained.keys() and len(predicted) == 4
+    for path, (label, score) in predicted.items():
+        assert explained[path][0] == label
+        assert abs(explained[path][1] - score) <= 1e-4, (path, score, explained[path][1])
+    with Image.open(tmp_path / "cams" / "photo1.gradcam.jpg") as im:
+        assert im.size == (1200, 1600)  # the overlay keeps the full size
+
+
+def test_default_layer_of_a_small_cnn_is_its_last_conv_block_before_pooling(trained_run):
+    from cvtool.bundle import load_classifier
+    from cvtool.cam import CamModel
+
+    clf = load_classifier(trained_run)
+    cams = CamModel(clf)
+    assert cams.path == ["block2_bn2"]  # Conv-ReLU-BN: the block's output, not block2_pool or block2_dropout
+    pooled = clf.model.get_layer("block2_dropout").output.shape[1]
+    maps = cams.compute(np.zeros((1, 32, 32, 3), np.uint8)).maps
+    assert maps.shape[2:] == (2 * pooled, 2 * pooled) == (16, 16)
+
+
+def test_default_layer_skips_pooling_and_dropout_and_keeps_residual_outputs():
+    import keras
+    from keras import layers
+
+    from cvtool.cam import find_target_layer
+
+    sequential = keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            layers.Conv2D(4, 3, padding="same", name="conv"),
+            layers.BatchNormalization(name="bn"),
+            layers.ReLU(name="relu"),
+            layers.MaxPooling2D(name="pool"),
+            layers.SpatialDropout2D(0.2, name="drop"),
+            layers.Flatten(),
+            layers.Dense(2, activation="softmax"),
+        ]
+    )
+    assert find_target_layer(sequential) == ["relu"]
+    inputs = keras.Input((16, 16, 3))
+    shortcut = layers.Conv2D(4, 1, name="shortcut")(inputs)
+    x = layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.Add(name="add")([shortcut, x])
+    x = layers.Activation("relu", name="block_out")(x)
+    x = layers.GlobalAveragePooling2D(keepdims=True, name="gap")(x)  # 4-D, but pooled to 1x1
+    x = layers.Conv2D(2, 1, name="head_conv")(x)  # a 1x1 convolution on the pooled map: no spatial map left
+    outputs = layers.Activation("softmax")(layers.Flatten()(x))
+    residual = keras.Model(inputs, outputs)
+    assert find_target_layer(residual) == ["block_out"]

@@ -315,3 +315,18 @@ def test_cli_tta_default_is_the_library_default_measured_to_help():
 
     assert parse_transforms(cli.TTA_DEFAULT) == DEFAULT_TRANSFORMS == ("identity", "hflip")
     assert sum(view_counts(TtaOptions()).values()) == 2
+
+
+def test_ensemble_members_of_other_sizes_see_predicts_pixels_on_full_size_jpegs(loaded, tmp_path):
+    """Each member gets its own DCT-scaled decode: the 24 and 32 px members' scores equal their own predict's."""
+    from cvtool.ensemble import ensemble
+    from cvtool.predict import predict
+    from tests.test_gradcam import large_photos
+
+    photos = large_photos(tmp_path / "photos")
+    alone = []
+    for i, m in enumerate(loaded):
+        predict(m, photos, tmp_path / f"{i}.csv", top_k=3, quiet=True)
+        alone.append(as_matrix(probs_by_path(tmp_path / f"{i}.csv")))
+    ensemble(loaded, photos, tmp_path / "ens.csv", "mean", None, top_k=3, quiet=True)
+    np.testing.assert_allclose(as_matrix(probs_by_path(tmp_path / "ens.csv")), np.mean(alone, axis=0), atol=2e-5)
