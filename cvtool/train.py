@@ -37,6 +37,7 @@ from cvtool.callbacks import (  # noqa: F401 - re-exported: the callbacks used t
     tensorboard,
 )
 from cvtool.errors import UnusableError, UsageError
+from cvtool.locks import holds_output_lock
 from cvtool.outputs import write_csv
 from cvtool.progress import info, warn
 
@@ -413,6 +414,7 @@ class precision_scope:
         keras.mixed_precision.set_global_policy(self.previous)
 
 
+@holds_output_lock("out", folder=True)
 def train(
     data: str | Path,
     out: str | Path,
