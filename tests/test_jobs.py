@@ -230,6 +230,7 @@ def test_sigterm_stops_cleanly_keeps_the_partial_and_says_how_to_resume(many, re
     assert proc.returncode == 143, stderr
     assert "--resume" in stderr and "Traceback" not in stderr and not out.exists()
     assert part.read_bytes().endswith(b"\n")  # stopped between rows: nothing torn
+    assert not (tmp_path / "preds.csv.lock").exists()  # a run stopped by a signal removes its lock
     result = predict(trained_run, many, out, batch_size=8, quiet=True, resume=True)
     assert result.processed == 360 and result.failed == 2
     assert_same_rows(out, reference)
