@@ -175,6 +175,16 @@ def reports_errors(func):
     return wrapper
 
 
+def _refuse_impossible_out(out: Path) -> None:
+    """An output folder that cannot be written is refused before TensorFlow is imported (seconds).
+
+    The command checks it again, under its output lock (:mod:`cvtool.locks`).
+    """
+    from cvtool.outputs import check_output_location
+
+    check_output_location(out, folder=True)
+
+
 # Options shared by train and finetune.
 DataArg = Annotated[
     Path,
@@ -279,6 +289,7 @@ def train(
     quiet: Quiet = False,
 ) -> int:
     """Train a classifier from scratch; writes model.keras, cvtool.json, history, checkpoints/, logs/ into --out."""
+    _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
     from cvtool.train import TrainConfig
     from cvtool.train import train as run_train
 
@@ -477,6 +488,7 @@ def segment(
     shard: ShardOpt = "",
 ) -> int:
     """Per-pixel classes for every image under INPUT: mask, colour mask and overlay per image, legend, pixel counts."""
+    _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
     from cvtool.segment import SegmentConfig, parse_size
     from cvtool.segment import segment as run_segment
 
@@ -582,6 +594,7 @@ def gradcam(
     shard: ShardOpt = "",
 ) -> int:
     """Grad-CAM heatmaps: where the model looked, as overlays at each input image's own size."""
+    _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
     from cvtool.gradcam import gradcam as run_gradcam
 
     result = run_gradcam(
@@ -677,6 +690,7 @@ def finetune(
     quiet: Quiet = False,
 ) -> int:
     """Transfer learning: train a new head on a frozen pretrained backbone, then fine-tune its top layers."""
+    _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
     from cvtool.finetune import FinetuneConfig
     from cvtool.finetune import finetune as run_finetune
 

@@ -8,6 +8,7 @@ like one model's output. Adding a rule is adding one small function here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -56,26 +57,47 @@ def vote(probs: np.ndarray) -> np.ndarray:
 
 
 def get_rule(name: str, choices: Sequence[str], weights: Sequence[float] | None = None, sources: int = 0) -> Rule:
-    """The rule called ``name`` (one of ``choices``); ``weighted`` binds ``weights`` (one per source)."""
+    """The rule called ``name`` (one of ``choices``); ``weighted`` binds ``weights`` (one per source).
+
+    Weights given to another rule are refused, not ignored (see :func:`check_weights`).
+    """
     table = {"mean": mean, "max": maximum, "vote": vote, "geometric": geometric, "weighted": weighted}
     if name not in choices or name not in table:
         raise UsageError(f"unknown rule {name!r}; choose from {', '.join(choices)}")
+    check_weights(name, weights, sources)
     if name == "weighted":
-        if not weights:
-            raise UsageError("the weighted rule needs --weights, one per model (e.g. 0.5,0.3,0.2)")
-        if sources and len(weights) != sources:
-            raise UsageError(f"--weights has {len(weights)} values for {sources} models")
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise UsageError("--weights must be non-negative and not all zero")
         return lambda probs: weighted(probs, weights)
     return table[name]
 
 
+def check_weights(rule: str, weights: Sequence[float] | None, sources: int = 0) -> None:
+    """Refuse (exit 2) weights that the rule would ignore or that make no weighted mean.
+
+    Only ``weighted`` takes weights: one per source (when ``sources`` is known), each a
+    finite number >= 0, not all zero. ``nan`` or ``inf`` would write ``nan`` scores.
+    """
+    if rule != "weighted":
+        if weights:
+            raise UsageError(f"--weights (--rule-weights) are for --rule weighted; --rule {rule} does not use them")
+        return
+    if not weights:
+        raise UsageError("the weighted rule needs --weights, one per model (e.g. 0.5,0.3,0.2)")
+    if sources and len(weights) != sources:
+        raise UsageError(f"--weights has {len(weights)} values for {sources} models")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise UsageError(
+            f"--weights must be finite numbers >= 0, not all zero; got {','.join(str(w) for w in weights)}"
+        )
+
+
 def parse_weights(text: str | None) -> list[float] | None:
-    """``"0.5,0.3,0.2"`` -> [0.5, 0.3, 0.2]; empty -> None."""
+    """``"0.5,0.3,0.2"`` -> [0.5, 0.3, 0.2]; empty -> None. ``nan`` and ``inf`` are refused (exit 2)."""
     if not text or not text.strip():
         return None
     try:
-        return [float(w) for w in text.split(",") if w.strip()]
+        weights = [float(w) for w in text.split(",") if w.strip()]
     except ValueError:
         raise UsageError(f"--weights takes a comma list of numbers, got {text!r}") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise UsageError(f"--weights must be finite numbers, got {text!r}")
+    return weights

@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cvtool.bundle import META_FILE, Classifier, write_ensemble_manifest
+from cvtool.combine import check_weights
 from cvtool.errors import UsageError
 from cvtool.images import list_images
+from cvtool.locks import holds_output_lock
 from cvtool.predict import BatchJob, RunResult, Shard, write_predictions
 from cvtool.progress import info
 from cvtool.scoring import Scorer, build_scorer, load_model_sets
@@ -42,6 +44,7 @@ def ensemble_scorer(
     return apply_tta(scorer, tta) if tta is not None else scorer
 
 
+@holds_output_lock("out")
 def ensemble(
     models: Sequence[str | Path | Classifier],
     input: str | Path,
@@ -64,12 +67,15 @@ def ensemble(
     """
     if rule is not None and rule not in RULES:
         raise UsageError(f"unknown --rule {rule!r}; choose from {', '.join(RULES)}")
-    job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard)
-    items = list_images(input)
-    scorer = ensemble_scorer(models, rule, weights, tta, unsafe_load)
-    return write_predictions(scorer, items, job, top_k, batch_size, quiet, "ensemble", input, label_format)
+    if rule is not None:
+        check_weights(rule, weights)  # before loading the models (their count is checked once they are loaded)
+    with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard) as job:
+        items = list_images(input)
+        scorer = ensemble_scorer(models, rule, weights, tta, unsafe_load)
+        return write_predictions(scorer, items, job, top_k, batch_size, quiet, "ensemble", input, label_format)
 
 
+@holds_output_lock("out", folder=True)
 def train_members(data: str | Path, out: str | Path, cfg, members: int, overwrite: bool = False, quiet: bool = False):
     """Train ``members`` models with seeds ``cfg.seed``, ``cfg.seed + 1``... into ``out/member-1..K/``.
 

@@ -16,13 +16,15 @@ import numpy as np
 
 from cvtool.batches import Failure
 from cvtool.bundle import Classifier
+from cvtool.combine import check_weights
 from cvtool.data import LabelledSet, read_class_folders, split_dirs
 from cvtool.ensemble import ensemble_scorer
 from cvtool.errors import UnusableError, UsageError
 from cvtool.fonts import text_fonts
 from cvtool.images import InputItem
+from cvtool.locks import holds_output_lock
 from cvtool.metrics import rank_accuracy, summarise, true_class_rank
-from cvtool.outputs import CsvWriter, check_writable, save_figure, write_csv, write_json
+from cvtool.outputs import CsvWriter, check_writable, path_cell, save_figure, write_csv, write_json
 from cvtool.predict import ERRORS_HEADER, prediction_cells, prediction_header, score_batches, top_k_indices
 from cvtool.progress import Progress, warn
 from cvtool.scoring import Scorer
@@ -272,6 +274,7 @@ def _find_labelled_file(rel: str, root: Path, bases: Sequence[Path]) -> tuple[Pa
     return None, f"file not found in the data folder{where}"
 
 
+@holds_output_lock("out_dir", folder=True)
 def evaluate(
     model: str | Path | Classifier | Sequence[str | Path | Classifier],
     data: str | Path,
@@ -310,6 +313,8 @@ def evaluate(
         raise UsageError("--rank values must be at least 1")
     if tta is not None and "identity" not in tta.transforms:
         raise UsageError("evaluate --tta needs identity among --transforms, to measure the gain over plain predictions")
+    if rule is not None:
+        check_weights(rule, rule_weights)  # before loading the models
     check_writable(out_dir / METRICS_FILE, overwrite)
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     scorer = ensemble_scorer(models, rule, rule_weights, tta, unsafe_load, model_weights=weights)
@@ -343,19 +348,19 @@ def evaluate(
         Progress(len(labelled), "evaluate", quiet) as progress,
     ):
         for f in failures:
-            errors.write([f.item.rel, f.reason])
-            warn(f"{f.item.rel}: {f.reason}")
+            errors.write([path_cell(f.item.rel), f.reason])
+            warn(f"{path_cell(f.item.rel)}: {f.reason}")
         for batch, member_probs in score_batches(scorer, labelled.items, batch_size):
             probs = scorer.combine(member_probs)
             for f in batch.failures:
-                errors.write([f.item.rel, f.reason])
-                warn(f"{f.item.rel}: {f.reason}")
+                errors.write([path_cell(f.item.rel), f.reason])
+                warn(f"{path_cell(f.item.rel)}: {f.reason}")
             failures += batch.failures
             if batch.items:
                 truth = np.array([label_of[id(item)] for item in batch.items])
                 idx = top_k_indices(probs, k)
                 for item, t, p, i in zip(batch.items, truth, probs, idx):
-                    row = [item.rel, names[t], *prediction_cells(p, i, names)]
+                    row = [path_cell(item.rel), names[t], *prediction_cells(p, i, names)]
                     rows.write(row)
                     if i[0] != t:
                         wrong.write(row)

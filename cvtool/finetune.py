@@ -31,6 +31,7 @@ import numpy as np
 
 import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
 from cvtool.errors import UnusableError, UsageError
+from cvtool.locks import holds_output_lock
 from cvtool.progress import info
 from cvtool.train import (
     TrainConfig,
@@ -152,6 +153,7 @@ def unfreeze_top(model, cfg: FinetuneConfig) -> int:
     return n
 
 
+@holds_output_lock("out", folder=True)
 def finetune(
     data: str | Path,
     out: str | Path,

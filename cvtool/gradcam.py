@@ -9,6 +9,7 @@ optionally ``img.heatmap.png`` (8-bit grayscale at the input's size) and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from cvtool.cam import CamModel, get_method
 from cvtool.errors import UsageError
 from cvtool.images import InputItem, list_images, load_with_original
 from cvtool.jobs import BatchJob, RunResult, Shard, model_fingerprint, remove_stale_temps
-from cvtool.outputs import format_score, write_bytes_atomic
+from cvtool.locks import holds_output_lock
+from cvtool.outputs import format_score, path_cell, write_bytes_atomic
 from cvtool.progress import Progress, info, warn
 
 INDEX_FILE = "gradcam.csv"
@@ -98,6 +100,7 @@ def write_maps(
     return written
 
 
+@holds_output_lock("out", folder=True)
 def gradcam(
     model: str | Path | Classifier,
     input: str | Path,
@@ -134,11 +137,9 @@ def gradcam(
         raise UsageError("--top-k must be at least 1")
     if class_name is not None and top_k > 1:
         raise UsageError("--class and --top-k > 1 cannot be combined: --class gives one map per image")
-    out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir} is a file; give a folder")
+    out_dir = Path(out)  # a file there is refused by the output lock, before anything else
     job = BatchJob(
-        out_dir / INDEX_FILE, overwrite, resume, shard, errors=out_dir / ERRORS_FILE, grouped=True
+        out_dir / INDEX_FILE, overwrite, resume, shard, errors=out_dir / ERRORS_FILE, grouped=True, lock=out_dir
     )  # refuses early
     items = list_images(input, exclude=out_dir)
     if not items:
@@ -156,8 +157,14 @@ def gradcam(
     bases = output_bases(items)
     identity = {
         "command": "gradcam",
-        "model": f"{model_fingerprint(classifier)}|layer={cams.layer_name}|method={method}|class={class_name}|k={k}"
-        f"|{opts}",
+        "model": model_fingerprint(classifier),
+        "settings": {
+            "layer": cams.layer_name,
+            "method": method,
+            "class": class_name,
+            "top_k": k,
+            **dataclasses.asdict(opts),
+        },
     }
     todo = job.open(items, INDEX_HEADER, identity)
     if resume:
@@ -197,7 +204,7 @@ def gradcam(
                         job.fail(item.rel, reason)
                         continue
                     rows = zip(result.classes[i], result.scores[i], written)
-                    job.write_group([[item.rel, names[c], format_score(s), name] for c, s, name in rows])
+                    job.write_group([[item.rel, names[c], format_score(s), path_cell(name)] for c, s, name in rows])
             job.flush()
             progress.update(len(batch.items) + len(batch.failures))
     return RunResult(job.processed, job.failed, job.out, job.errors)

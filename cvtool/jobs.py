@@ -7,22 +7,30 @@ go to fixed partial names (``preds.csv.part``, ``preds.errors.csv.part``),
 flushed after every batch; at the end they are renamed into place. A killed
 run leaves only the partials, which ``--resume`` continues.
 
+A job locks its output for the whole run (:mod:`cvtool.locks`: one writer per
+output), and a resumed run does the inputs the interrupted run started with
+(recorded in ``preds.csv.inputs.part``): files added to INPUT since then are
+reported and skipped, so rows stay in input order and shards still merge.
+
 Hooking a command up takes a few lines::
 
-    job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard)  # refuses early
-    items = list_images(input)
-    ...load the model...
-    todo = job.open(items, header, {"command": "predict", "model": model_fingerprint(model)})
-    with job:
-        for batch in ...(todo):
-            job.fail_all(batch.failures)
-            for item, ... in ...: job.write([item.rel, ...])
-            job.flush()
+    @holds_output_lock("out")  # the lock covers the whole command, from its first check
+    def predict(model, input, out, ...):
+        job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard)  # refuses early
+        items = list_images(input)
+        ...load the model...
+        todo = job.open(items, header, {"command": "predict", "model": model_fingerprint(model), "settings": {...}})
+        with job:
+            for batch in ...(todo):
+                job.fail_all(batch.failures)
+                for item, ... in ...: job.write([item.rel, ...])
+                job.flush()
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime as _dt
 import hashlib
 import json
@@ -33,15 +41,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvtool import __version__
-from cvtool.errors import Interrupted, UsageError
+from cvtool.errors import Interrupted, UnusableError, UsageError
 from cvtool.images import InputItem
-from cvtool.outputs import CsvWriter, count_rows, errors_path, write_json
+from cvtool.locks import OutputLock
+from cvtool.outputs import CsvWriter, cell_path, count_rows, errors_path, path_cell, write_csv, write_json
 from cvtool.progress import warn
 
 ERRORS_HEADER = ("path", "error")
+INPUTS_HEADER = ("path", "file")
 SIDECAR_FORMAT = 1
-# What must agree between a partial and its resumption, and between shards that are merged.
-IDENTITY_KEYS = ("command", "model", "header")
+# What must agree between a partial and its resumption, and between shards that are merged: the command,
+# the model(s) with their weights, every option that changes a row ("settings": rule, rule weights, label
+# format, views...), and the columns.
+IDENTITY_KEYS = ("command", "model", "settings", "header")
 
 
 @dataclass
@@ -110,6 +122,37 @@ def sidecar_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.stem + ".job.json")
 
 
+def inputs_path(out: str | os.PathLike) -> Path:
+    """``preds.csv`` -> ``preds.csv.inputs.part``: the inputs a run started with, kept until it finishes."""
+    out = Path(out)
+    return out.with_name(out.name + ".inputs.part")
+
+
+def identity_difference(old: dict, new: dict) -> str | None:
+    """The first setting in which two jobs' identities differ, as ``label_format (wnid, now name)``; None if none.
+
+    ``old`` and ``new`` are sidecars or identities (see :data:`IDENTITY_KEYS`); "settings"
+    is compared entry by entry so the message names the option.
+    """
+    for key in IDENTITY_KEYS:
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key != "settings":
+            return key if key in ("model", "header") else f"{key} ({_show(a)}, now {_show(b)})"
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            return "settings (one was recorded by an older cvtool)"
+        name = next(n for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n))
+        return f"{name} ({_show(a.get(name))}, now {_show(b.get(name))})"
+    return None
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(_show(v) for v in value)
+    return "none" if value is None else str(value)
+
+
 def read_sidecar(out: str | os.PathLike) -> dict | None:
     path = sidecar_path(out)
     if not path.exists():
@@ -122,36 +165,71 @@ def read_sidecar(out: str | os.PathLike) -> dict | None:
 
 
 def model_fingerprint(model) -> str:
-    """A digest of the model file and its class list/input size; equal digests mean the same model.
+    """A digest of everything that makes a model's outputs; equal digests mean the same model.
 
-    ``model`` is a model spec (run directory or file) or a loaded ``Classifier``.
+    ``model`` is a model spec (run directory, file, SavedModel folder) or a loaded
+    ``Classifier``. Run directories: the model file, a hub backbone's files, the class
+    list and input size. ``imagenet:NAME``: the network and its weights file (the same
+    name with another weights file is another model).
     """
-    from cvtool.bundle import read_meta, resolve_model_path
+    from cvtool.bundle import HUB_DIR, META_FILE, MODEL_FILE, read_meta, resolve_model_path
 
+    meta = getattr(model, "meta", None) or {}
     spec = getattr(model, "source", model)
+    if meta.get("source") == "imagenet":
+        weights = meta.get("weights")
+        local = Path(weights) if weights and weights != "imagenet" else None
+        return f"imagenet:{meta.get('model')}|weights=" + (_digest([local]) if local else "keras-imagenet")
+    folder = Path(spec)
+    if folder.is_dir() and not (folder / META_FILE).exists() and not (folder / MODEL_FILE).exists():
+        return _digest(_files_under(folder), root=folder)  # a SavedModel (segment)
     try:
         model_file, run_dir = resolve_model_path(spec)
-    except UsageError:
+    except (UsageError, UnusableError):
         return f"unknown:{spec}"
-    digest = hashlib.sha256()
-    with open(model_file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    files, extra = [model_file], b""
     if run_dir is not None:
         meta = read_meta(run_dir)
-        digest.update(json.dumps([meta["class_names"], meta["image_size"]]).encode("utf-8"))
+        extra = json.dumps([meta["class_names"], meta["image_size"]]).encode("utf-8")
+        if meta.get("feature_extractor"):  # a hub backbone: its SavedModel makes the outputs as much as the head
+            files += _files_under(run_dir / meta["feature_extractor"].get("path", HUB_DIR))
+    return _digest(files, extra, root=run_dir)
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+
+
+def _digest(files: Sequence[Path], extra: bytes = b"", root: Path | None = None) -> str:
+    """``sha256:...`` of the files' contents (and, under ``root``, their relative names), then ``extra``."""
+    digest = hashlib.sha256()
+    for path in files:
+        if root is not None and len(files) > 1:
+            digest.update(path.relative_to(root).as_posix().encode("utf-8", "surrogateescape") + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    digest.update(extra)
     return "sha256:" + digest.hexdigest()
+
+
+def file_digest(path: str | os.PathLike | None) -> str | None:
+    """``sha256:...`` of a file that changes a job's rows (a class file, a weights file); None for None."""
+    return None if path is None else _digest([Path(path)])
 
 
 class BatchJob:
     """The resumable, shardable output of a batch command: rows CSV, errors CSV, sidecar.
 
-    Construct it first (it refuses an existing output without ``overwrite``,
-    and an interrupted partial without ``resume`` or ``overwrite``), then
-    :meth:`open` it with the inputs: it returns those still to do (this shard,
-    minus the rows and errors already kept). Use it as a context manager:
-    leaving normally renames the partials into place; leaving with an error
-    or a signal keeps them and says how to resume.
+    Construct it first: it locks the output (:class:`cvtool.locks.OutputLock`; a
+    second live writer is refused), refuses an existing output without
+    ``overwrite``, and an interrupted partial without ``resume`` or ``overwrite``.
+    Then :meth:`open` it with the inputs: it returns those still to do (this shard,
+    minus the rows and errors already kept; a resumed run keeps to the inputs it
+    started with). Use it as a context manager: leaving normally renames the
+    partials into place; leaving with an error or
+    a signal keeps them and says how to resume; either way the lock is released.
+    Path cells are written by :func:`cvtool.outputs.path_cell`.
     """
 
     def __init__(
@@ -162,13 +240,16 @@ class BatchJob:
         shard: str | Shard | None = None,
         errors: str | os.PathLike | None = None,
         grouped: bool = False,
+        lock: str | os.PathLike | None = None,
     ):
-        """``errors``: the errors CSV (default: beside ``out``); ``grouped``: several rows per input."""
+        """``errors``: the errors CSV (default: beside ``out``); ``grouped``: several rows per input;
+        ``lock``: the output folder to lock, when the job writes more than ``out`` (gradcam, segment)."""
         self.out = Path(out)
         self.errors = Path(errors) if errors is not None else errors_path(self.out)
         self.grouped = grouped
         self.sidecar = sidecar_path(self.out)
         self.parts = (partial_path(self.out), partial_path(self.errors))
+        self.inputs_record = inputs_path(self.out)
         self.resume, self.shard = resume, parse_shard(shard)
         self.complete = False  # True: a finished output exists and --resume has nothing to do
         self.processed = self.failed = self.kept = 0
@@ -176,6 +257,15 @@ class BatchJob:
         self._errs: CsvWriter | None = None
         if self.out.is_dir():
             raise UsageError(f"{self.out} is a folder; give a file name for the output")
+        self._lock = OutputLock(self.out if lock is None else lock, folder=lock is not None).acquire()
+        try:
+            self._refuse_existing(overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _refuse_existing(self, overwrite: bool) -> None:
+        resume = self.resume
         has_partial = any(p.exists() for p in self.parts)
         if self.out.exists() and not overwrite:
             if not (resume and not has_partial):
@@ -186,13 +276,18 @@ class BatchJob:
                 f"{self.parts[0]} holds an interrupted run; pass --resume to continue it or --overwrite to start over"
             )
         if has_partial and not resume:
-            for p in self.parts:
+            for p in (*self.parts, self.inputs_record):
                 p.unlink(missing_ok=True)
         self.out.parent.mkdir(parents=True, exist_ok=True)
 
     def open(self, items: Sequence[InputItem], header: Sequence[str], identity: dict) -> list[InputItem]:
-        """Start (or continue) the job; returns the inputs still to do, in input order."""
+        """Start (or continue) the job; returns the inputs still to do, in input order.
+
+        ``identity``: "command", "model" (a fingerprint) and "settings" (every option that
+        changes a row) - what a resumed partial and merged shards must agree on.
+        """
         identity = {**identity, "header": list(header), "shard": str(self.shard) if self.shard else None}
+        identity = json.loads(json.dumps(identity))  # as the sidecar holds it (tuples become lists)
         mine = take_shard(items, self.shard)
         if self.complete:
             self._check_same(identity, f"the finished {self.out}")
@@ -200,6 +295,9 @@ class BatchJob:
             return []
         if self.resume and any(p.exists() for p in self.parts):
             self._check_same(identity, f"the interrupted run in {self.parts[0]}")
+            mine = self._started_with(mine)
+        else:
+            write_csv(self.inputs_record, INPUTS_HEADER, ((path_cell(i.rel), path_cell(str(i.path))) for i in mine))
         write_json(
             self.sidecar,
             {
@@ -214,33 +312,55 @@ class BatchJob:
         )
         self._rows = CsvWriter(self.out, header, partial=self.parts[0], resume=self.resume, grouped=self.grouped)
         self._errs = CsvWriter(self.errors, ERRORS_HEADER, partial=self.parts[1], resume=self.resume)
-        done = self._rows.keys | self._errs.keys
+        done = {cell_path(key) for key in self._rows.keys | self._errs.keys}
         self.processed, self.failed = self._rows.kept, self._errs.kept
         self.kept = self.processed + self.failed
         return [item for item in mine if item.rel not in done]
+
+    def _started_with(self, mine: list[InputItem]) -> list[InputItem]:
+        """The inputs the interrupted run recorded, in their order: files added since are reported and
+        skipped (done after them, their rows would leave input order); files gone since get an errors row."""
+        if not self.inputs_record.is_file():
+            return mine  # a partial from an older cvtool: the inputs as listed now
+        with open(self.inputs_record, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))[1:]
+        recorded = [(cell_path(row[0]), cell_path(row[1])) for row in rows if len(row) >= 2]
+        listed = {item.rel: item for item in mine}
+        known = {rel for rel, _ in recorded}
+        added = [rel for rel in listed if rel not in known]
+        if added:
+            shown = ", ".join(path_cell(rel) for rel in added[:3]) + (", ..." if len(added) > 3 else "")
+            warn(
+                f"{len(added)} input(s) added since this run started are skipped: {shown} "
+                "(a resumed run does the inputs it started with; run them in a new run)"
+            )
+        return [listed.get(rel) or InputItem(Path(path), rel) for rel, path in recorded]
 
     def _check_same(self, identity: dict, what: str) -> None:
         old = read_sidecar(self.out)
         if old is None:
             return  # no record (an older cvtool, or written by hand): trust the user's --resume
-        for key in (*IDENTITY_KEYS, "shard"):
-            if old.get(key) != identity.get(key):
-                raise UsageError(f"{what} was made with a different {key}; pass --overwrite to start over")
+        differs = identity_difference(old, identity)
+        if differs is None and old.get("shard") != identity.get("shard"):
+            differs = f"shard ({_show(old.get('shard'))}, now {_show(identity.get('shard'))})"
+        if differs is not None:
+            raise UsageError(f"{what} was made with a different {differs}; pass --overwrite to start over")
 
     def write(self, row: Sequence) -> None:
-        self._rows.write(row)
+        """One input's row; its first cell is the input's relative path."""
+        self._rows.write([path_cell(row[0]), *row[1:]])
         self.processed += 1
 
     def write_group(self, rows: Sequence[Sequence]) -> None:
         """The rows of one input (``grouped`` jobs): several rows, one input processed."""
         for row in rows:
-            self._rows.write(row)
+            self._rows.write([path_cell(row[0]), *row[1:]])
         self.processed += 1
 
     def fail(self, rel: str, reason: str) -> None:
         """One bad input: a row in the errors CSV and a warning line."""
-        self._errs.write([rel, reason])
-        warn(f"{rel}: {reason}")
+        self._errs.write([path_cell(rel), reason])
+        warn(f"{path_cell(rel)}: {reason}")
         self.failed += 1
 
     def fail_all(self, failures: Iterable) -> None:
@@ -256,24 +376,31 @@ class BatchJob:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._close(exc_type is None)
+        finally:
+            self._lock.release()
+
+    def _close(self, success: bool) -> None:
         if self._rows is None:
             return
-        if exc_type is None:
+        if success:
             self._errs.commit()
             self._rows.commit()
+            self.inputs_record.unlink(missing_ok=True)
             return
         if not self.processed + self.failed:  # nothing done (e.g. the model failed on the first batch): no partial
             self._errs.discard()
             self._rows.discard()
             self.sidecar.unlink(missing_ok=True)
+            self.inputs_record.unlink(missing_ok=True)
             return
         self._errs.close()
         self._rows.close()
-        if self.processed + self.failed:
-            warn(
-                f"stopped: {self.processed + self.failed} inputs done are kept in {self.parts[0]}; "
-                "run the same command again with --resume to continue"
-            )
+        warn(
+            f"stopped: {self.processed + self.failed} inputs done are kept in {self.parts[0]}; "
+            "run the same command again with --resume to continue"
+        )
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> int:

@@ -20,15 +20,21 @@ from cvtool.jobs import (
     IDENTITY_KEYS,
     SIDECAR_FORMAT,
     RunResult,
+    identity_difference,
     parse_shard,
     read_sidecar,
     sidecar_path,
 )
-from cvtool.outputs import CsvWriter, check_writable, errors_path, write_json
+from cvtool.locks import holds_output_lock
+from cvtool.outputs import CsvWriter, cell_path, check_writable, errors_path, write_json
 
 
 def _rows(path: Path, header: Sequence[str] | None, kind: int, source: int) -> Iterator[tuple]:
-    """(path cell, kind, source, row) for each row of ``path``, checking the file is in input order."""
+    """(input path, kind, source, row) for each row of ``path``, checking the file is in input order.
+
+    The input path is the path cell read back (:func:`cvtool.outputs.cell_path`): input order is
+    the order of the file names, which an escaped cell need not keep.
+    """
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         first = next(reader, None)
@@ -38,10 +44,11 @@ def _rows(path: Path, header: Sequence[str] | None, kind: int, source: int) -> I
         for row in reader:
             if not row:
                 continue
-            if last is not None and row[0] < last:
+            key = cell_path(row[0])
+            if last is not None and key < last:
                 raise UnusableError(f"{path} is not in input order at {row[0]!r}; was it edited?")
-            last = row[0]
-            yield row[0], kind, source, row
+            last = key
+            yield key, kind, source, row
 
 
 def _errors_of_named(path: Path, named: set[Path]) -> bool:
@@ -50,6 +57,7 @@ def _errors_of_named(path: Path, named: set[Path]) -> bool:
     return owner.resolve() in named
 
 
+@holds_output_lock("out")
 def merge(out: str | Path, shards: Sequence[str | Path], overwrite: bool = False, partial: bool = False) -> RunResult:
     """Write ``out`` and its errors CSV from ``shards``; rows sorted by path as ``list_images`` orders them."""
     out = Path(out)
@@ -74,10 +82,9 @@ def merge(out: str | Path, shards: Sequence[str | Path], overwrite: bool = False
         metas.append(meta)
     first = metas[0]
     for shard, meta in zip(shards[1:], metas[1:]):
-        for key in IDENTITY_KEYS:
-            if meta.get(key) != first.get(key):
-                what = "model" if key == "model" else key
-                raise UnusableError(f"{shard} was made with a different {what} than {shards[0]}; refusing to merge")
+        differs = identity_difference(first, meta)
+        if differs is not None:
+            raise UnusableError(f"{shard} was made with a different {differs} than {shards[0]}; refusing to merge")
     _check_shard_set(shards, metas, partial)
     check_writable(out, overwrite)
     err_out = errors_path(out)

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,10 +32,62 @@ def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
         raise UsageError(f"{path} already exists; pass --overwrite to replace it")
-    if path.exists() and path.is_dir() and path.suffix:
-        raise UsageError(f"{path} is a folder; give a file name for the output")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_output_location(path)
     return path
+
+
+def check_output_location(path: str | os.PathLike, *, folder: bool = False) -> Path:
+    """Refuse (exit 2) an output that cannot be written, before any work; make its parent folders.
+
+    ``path`` is an output file, or with ``folder`` an output folder. Refused: a
+    file where a folder is needed (on the way to ``path``, or ``path`` itself for
+    a folder output), a folder where a file is needed, and a folder this user
+    cannot write to. Commands call it (through :class:`cvtool.locks.OutputLock`)
+    before loading a model, so a typo'd ``--out`` costs no time.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is a file; give a folder")
+    if not folder and path.is_dir():
+        raise UsageError(f"{path} is a folder; give a file name for the output")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), parent)
+        raise UsageError(f"cannot write {path}: {blocker} is a file, not a folder") from None
+    except PermissionError:
+        raise UsageError(f"cannot create the folder {parent}: permission denied") from None
+    except OSError as exc:
+        raise UsageError(f"cannot create the folder {parent}: {exc.strerror or exc}") from None
+    for place in (parent, path) if folder and path.is_dir() else (parent,):
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot write to {place}: permission denied")
+    return path
+
+
+_ESCAPED_IN_CELLS = re.compile("[\\\\\udc80-\udcff]")  # a backslash, or a byte that is not UTF-8
+_ESCAPE = re.compile(r"\\(\\|x[89a-fA-F][0-9a-fA-F])")
+
+
+def path_cell(rel: str) -> str:
+    r"""A relative path as a CSV cell: every file name becomes valid UTF-8 text, reversibly.
+
+    File names are bytes on POSIX; Python reads bytes that are not UTF-8 as lone
+    surrogates (``os.fsdecode``), which no UTF-8 file can hold. Such a byte is
+    written ``\xNN`` (two lower-case hex digits) and a backslash as two; every
+    other character is kept, so ordinary names are written as they are:
+    ``b"caf\xe9.jpg"`` -> ``caf\xe9.jpg``. :func:`cell_path` reverses it.
+    """
+    return _ESCAPED_IN_CELLS.sub(lambda m: "\\\\" if m[0] == "\\" else f"\\x{ord(m[0]) - 0xDC00:02x}", rel)
+
+
+def cell_path(cell: str) -> str:
+    """The relative path (as ``os.fsdecode`` gives it) that a cell written by :func:`path_cell` stands for.
+
+    A backslash that starts no escape is kept, so cells written by hand or by older versions still work.
+    """
+    return _ESCAPE.sub(lambda m: "\\" if m[1] == "\\" else chr(0xDC00 + int(m[1][1:], 16)), cell)
 
 
 def temp_path(path: Path, suffix: str = ".part") -> Path:

@@ -7,6 +7,7 @@ and of evaluate (:func:`classify_batches`): what differs between them is the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from cvtool.batches import Batch, batched
 from cvtool.bundle import Classifier, ModelSet
 from cvtool.images import InputItem, list_images
 from cvtool.jobs import ERRORS_HEADER, BatchJob, RunResult, Shard, model_fingerprint  # noqa: F401 - re-exported
+from cvtool.locks import holds_output_lock
 from cvtool.outputs import format_score
 from cvtool.progress import Progress, warn
 from cvtool.scoring import Scorer, build_scorer, load_scorer
@@ -64,12 +66,19 @@ def as_scorer(model: Scorer | Classifier) -> Scorer:
     return build_scorer([ModelSet([model], source=model.source)])
 
 
-def scorer_fingerprint(scorer: Scorer) -> str:
-    """Which models and which views/rules made a CSV (for --resume and merge checks)."""
-    models = "+".join(model_fingerprint(m.classifier) for m in scorer.members)
-    views = getattr(scorer.views, "__name__", None) or repr(getattr(scorer.views, "options", scorer.views))
-    reduce = getattr(scorer.reduce_views, "__name__", "")
-    return f"{models}|views={views}|reduce={reduce}|rule={scorer.rule_name}|seed={scorer.seed}"
+def scorer_identity(scorer: Scorer) -> dict:
+    """Which models (with their weights) and which views and rule made a CSV: the job identity that
+    --resume and merge check (see :func:`cvtool.jobs.identity_difference`)."""
+    options = getattr(scorer.views, "options", None)  # TTA views: transforms, reduce, crop scale, copies, seed...
+    several = len(scorer.members) > 1
+    return {
+        "model": "+".join(model_fingerprint(m.classifier) for m in scorer.members),
+        "settings": {
+            "views": dataclasses.asdict(options) if options is not None else getattr(scorer.views, "__name__", "?"),
+            "rule": scorer.rule_name if several else None,
+            "rule_weights": scorer.rule_weights if several else None,
+        },
+    }
 
 
 def resolve_top_k(k: int, num_classes: int) -> int:
@@ -80,6 +89,7 @@ def resolve_top_k(k: int, num_classes: int) -> int:
     return min(k, num_classes)
 
 
+@holds_output_lock("out")
 def predict(
     model: str | Path | Classifier | Scorer,
     input: str | Path,
@@ -107,9 +117,10 @@ def predict(
 
     check_label_format(label_format)
     job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard)
-    items = list_images(input)
-    scorer = model if isinstance(model, Scorer) else load_scorer(model, unsafe=unsafe_load, weights=weights)
-    return write_predictions(scorer, items, job, top_k, batch_size, quiet, "predict", input, label_format)
+    with job:
+        items = list_images(input)
+        scorer = model if isinstance(model, Scorer) else load_scorer(model, unsafe=unsafe_load, weights=weights)
+        return write_predictions(scorer, items, job, top_k, batch_size, quiet, "predict", input, label_format)
 
 
 def write_predictions(
@@ -123,7 +134,10 @@ def write_predictions(
     input: str | Path = "",
     label_format: str = "name",
 ) -> RunResult:
-    """The predictions CSV and its errors CSV for ``items`` scored by ``scorer`` (predict, tta, ensemble)."""
+    """The predictions CSV and its errors CSV for ``items`` scored by ``scorer`` (predict, tta, ensemble).
+
+    The caller holds ``job`` open (``with job:``); it commits the CSVs when that block ends.
+    """
     from cvtool.imagenet import label_names
 
     scorer = as_scorer(scorer)
@@ -131,8 +145,10 @@ def write_predictions(
         warn(f"no images found in {input}")
     k = resolve_top_k(top_k, scorer.num_classes)
     names = label_names(scorer.class_names, scorer.members[0].classifier.meta, label_format)
-    todo = job.open(items, prediction_header(k), {"command": desc, "model": scorer_fingerprint(scorer)})
-    with job, Progress(len(todo), desc, quiet) as progress:
+    identity = scorer_identity(scorer)
+    identity["settings"]["label_format"] = label_format
+    todo = job.open(items, prediction_header(k), {"command": desc, **identity})
+    with Progress(len(todo), desc, quiet) as progress:
         for batch, probs in classify_batches(scorer, todo, batch_size):
             job.fail_all(batch.failures)
             for item, p, idx in zip(batch.items, probs, top_k_indices(probs, k)):

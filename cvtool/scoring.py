@@ -61,6 +61,7 @@ class Scorer:
     reduce_views: combine.Rule = combine.mean
     rule: combine.Rule = combine.mean
     rule_name: str = "mean"
+    rule_weights: list[float] | None = None  # the weighted rule's, one per member
     seed: int = 0
     source: str = ""
 
@@ -81,7 +82,7 @@ class Scorer:
                 img = images[m.size]
                 # Seeded per image (not per thread or position): random views are reproducible, the same for
                 # every member, and independent of batch size and decode order.
-                rng = np.random.default_rng([self.seed, zlib.crc32(item.rel.encode("utf-8"))])
+                rng = np.random.default_rng([self.seed, zlib.crc32(item.rel.encode("utf-8", "surrogateescape"))])
                 by_size[m.size] = np.stack(self.views(img, m.size, rng))
         return [by_size[m.size] for m in self.members]
 
@@ -176,8 +177,10 @@ def build_scorer(
     members = align(classifiers)
     source = sets[0].source if len(sets) == 1 else ",".join(s.source for s in sets)
     scorer = Scorer(members, list(classifiers[0].class_names), source=source)
+    combined = combine.get_rule(rule, rules, weights, len(members))  # checks the rule and weights, one model too
     if len(members) > 1:
-        scorer.rule, scorer.rule_name = combine.get_rule(rule, rules, weights, len(members)), rule
+        scorer.rule, scorer.rule_name = combined, rule
+        scorer.rule_weights = [float(w) for w in weights] if rule == "weighted" else None
     return scorer
 
 

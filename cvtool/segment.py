@@ -25,7 +25,8 @@ from cvtool.classmap import BACKGROUND_ID, DEFAULT_MODEL, ClassMap, camvid, numb
 from cvtool.errors import UnusableError, UsageError
 from cvtool.fonts import text_fonts
 from cvtool.images import InputItem, list_images, load_with_original
-from cvtool.jobs import BatchJob, RunResult, Shard, remove_stale_temps
+from cvtool.jobs import BatchJob, RunResult, Shard, file_digest, model_fingerprint, remove_stale_temps
+from cvtool.locks import holds_output_lock
 from cvtool.outputs import save_figure, save_image
 from cvtool.progress import Progress, warn
 from cvtool.segmodels import SegmentationModel, load_segmentation_model
@@ -126,6 +127,7 @@ class Labeller:
         self.classes = classes
 
 
+@holds_output_lock("out_dir", folder=True)
 def segment(
     input: str | Path,
     out_dir: str | Path,
@@ -143,15 +145,15 @@ def segment(
     """
     cfg = config or SegmentConfig()
     _check_config(cfg)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{out_dir} is a file; --out needs a folder")
+    out_dir = Path(out_dir)  # a file there is refused by the output lock, before anything else
     items = list_images(input, exclude=out_dir)
     if not items:
         warn(f"no images found in {input}")
     given = read_class_file(cfg.classes) if cfg.classes is not None else None
     names = output_names(items)
-    job = BatchJob(out_dir / "pixels.csv", overwrite, resume, shard, errors=out_dir / "errors.csv", grouped=True)
+    job = BatchJob(
+        out_dir / "pixels.csv", overwrite, resume, shard, errors=out_dir / "errors.csv", grouped=True, lock=out_dir
+    )
     if not resume:
         _check_free(out_dir, names, cfg.overlay_format, overwrite)
     seg_model = model or load_segmentation_model(cfg.model, unsafe=cfg.unsafe_load)
@@ -164,7 +166,7 @@ def segment(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     seen = np.zeros(256, dtype=np.int64)
-    todo = job.open(items, PIXELS_HEADER, {"command": "segment", "model": _identity(cfg, seg_model)})
+    todo = job.open(items, PIXELS_HEADER, {"command": "segment", **_identity(cfg, seg_model)})
     if job.complete:
         return RunResult(job.processed, job.failed, job.out, job.errors)
     if resume:
@@ -196,14 +198,20 @@ def segment(
     return RunResult(job.processed, job.failed, job.out, job.errors)
 
 
-def _identity(cfg: SegmentConfig, seg_model: SegmentationModel) -> str:
+def _identity(cfg: SegmentConfig, seg_model: SegmentationModel) -> dict:
     """Which model and options made a pixels.csv (for --resume and merge checks)."""
-    from cvtool.jobs import model_fingerprint
-
     spec = Path(cfg.model)
-    source = model_fingerprint(spec) if spec.is_file() else str(cfg.model)
-    opts = (cfg.classes, cfg.input_range, cfg.input_size, cfg.max_side, cfg.drop_background, cfg.alpha)
-    return f"{source}|{seg_model.source}|{opts}|{cfg.overlay_format}"
+    source = model_fingerprint(spec) if spec.exists() else str(cfg.model)  # a file or SavedModel: its contents
+    settings = {
+        "classes": file_digest(cfg.classes),
+        "input_range": cfg.input_range,
+        "input_size": cfg.input_size,
+        "max_side": cfg.max_side,
+        "drop_background": cfg.drop_background,
+        "alpha": cfg.alpha,
+        "overlay_format": cfg.overlay_format,
+    }
+    return {"model": f"{source}|{seg_model.source}", "settings": settings}
 
 
 def _seen_in(pixels_csv: Path, classes: ClassMap) -> np.ndarray:

@@ -37,7 +37,8 @@ from cvtool.callbacks import (  # noqa: F401 - re-exported: the callbacks used t
     tensorboard,
 )
 from cvtool.errors import UnusableError, UsageError
-from cvtool.outputs import write_csv
+from cvtool.locks import holds_output_lock
+from cvtool.outputs import path_cell, write_csv
 from cvtool.progress import info, warn
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
@@ -217,9 +218,9 @@ def load_data(data: str | Path, cfg: TrainConfig, run_dir: Path, side: int, quie
     train_set = decode_set(splits.train, image_size, "decoding train", quiet, cache_dir=run_dir)
     val_set = decode_set(splits.validation, image_size, "decoding validation", quiet, cache_dir=run_dir)
     failures = train_set.failures + val_set.failures
-    write_csv(run_dir / ERRORS_FILE, ["path", "error"], ((f.item.rel, f.reason) for f in failures))
+    write_csv(run_dir / ERRORS_FILE, ["path", "error"], ((path_cell(f.item.rel), f.reason) for f in failures))
     for f in failures:
-        warn(f"skipped {f.item.rel}: {f.reason}")
+        warn(f"skipped {path_cell(f.item.rel)}: {f.reason}")
     if len(train_set.labels) == 0:
         raise UnusableError(f"no readable training images in {data}")
     weights = None
@@ -413,6 +414,7 @@ class precision_scope:
         keras.mixed_precision.set_global_policy(self.previous)
 
 
+@holds_output_lock("out", folder=True)
 def train(
     data: str | Path,
     out: str | Path,

@@ -21,6 +21,7 @@ from cvtool import combine
 from cvtool.bundle import Classifier
 from cvtool.errors import UsageError
 from cvtool.images import list_images, resize
+from cvtool.locks import holds_output_lock
 from cvtool.predict import BatchJob, RunResult, Shard, write_predictions
 from cvtool.scoring import Scorer, load_scorer
 
@@ -166,6 +167,7 @@ def apply_tta(scorer: Scorer, options: TtaOptions) -> Scorer:
     return scorer
 
 
+@holds_output_lock("out")
 def tta(
     model: str | Path | Classifier,
     input: str | Path,
@@ -187,7 +189,7 @@ def tta(
     (each brings its views).
     """
     options = options or TtaOptions()
-    job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard)
-    items = list_images(input)
-    scorer = apply_tta(load_scorer(model, unsafe=unsafe_load, weights=weights), options)
-    return write_predictions(scorer, items, job, top_k, batch_size, quiet, "tta", input, label_format)
+    with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard) as job:
+        items = list_images(input)
+        scorer = apply_tta(load_scorer(model, unsafe=unsafe_load, weights=weights), options)
+        return write_predictions(scorer, items, job, top_k, batch_size, quiet, "tta", input, label_format)

@@ -205,6 +205,35 @@ def test_label_format_wnid_and_both(imagenet_classifier, photos, tmp_path):
         assert b["label"] == f"{w['label']} {n['label']}" and b["score_2"] == n["score_2"]
 
 
+def test_shards_made_with_another_weights_file_or_label_format_refuse_to_merge(mobilenet_v2, photos, tmp_path):
+    net, weights = mobilenet_v2
+    head = net.layers[-1]
+    kernel, bias = head.get_weights()
+    other = tmp_path / "other.weights.h5"  # the same network with another head: another model
+    head.set_weights([kernel, bias + 1.0])
+    try:
+        net.save_weights(other)
+    finally:
+        head.set_weights([kernel, bias])
+
+    def shard(name: str, k: int, *options: str) -> str:
+        out = tmp_path / f"{name}.csv"
+        args = ["predict", "imagenet:mobilenet_v2", str(photos), "--out", str(out), "--shard", f"{k}/2", "-q"]
+        result = runner.invoke(app, [*args, *options])
+        assert result.exit_code == 0, result.output
+        return str(out)
+
+    first = shard("a", 0, "--weights", str(weights))
+    for second, differs in (
+        (shard("b", 1, "--weights", str(other)), "different model"),
+        (shard("c", 1, "--weights", str(weights), "--label-format", "wnid"), "different label_format (name, now wnid)"),
+    ):
+        result = runner.invoke(app, ["merge", str(tmp_path / "m.csv"), first, second])
+        assert result.exit_code == 3 and differs in result.output, result.output
+    same = runner.invoke(app, ["merge", str(tmp_path / "m.csv"), first, shard("d", 1, "--weights", str(weights))])
+    assert same.exit_code == 0, same.output
+
+
 def imagenet_classifier_index():
     from cvtool.imagenet import class_index
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -197,6 +199,8 @@ def test_kill_9_then_resume_gives_every_row_exactly_once(many, reference, traine
     assert not out.exists(), "a killed run must not leave a file that looks complete"
     kept = part.read_bytes().count(b"\n") - 1
     assert 40 <= kept < 360
+    lock = tmp_path / "preds.csv.lock"
+    assert lock.exists()  # left by the killed run, whose flock died with it: the next run takes it over
 
     again = cli("predict", trained_run, many, "--out", out, "-q")
     assert again.exit_code == 2 and "--resume" in again.stderr  # the partial is not thrown away silently
@@ -208,6 +212,7 @@ def test_kill_9_then_resume_gives_every_row_exactly_once(many, reference, traine
     assert_same_rows(out, reference)
     errors = read_rows(out.with_name("preds.errors.csv"))
     assert sorted(r[0] for r in errors) == ["batch_0/bad.jpg", "batch_3/empty.png"]
+    assert not lock.exists()
 
     # --resume again: the finished output is left as it is.
     before = out.read_bytes()
@@ -225,6 +230,7 @@ def test_sigterm_stops_cleanly_keeps_the_partial_and_says_how_to_resume(many, re
     assert proc.returncode == 143, stderr
     assert "--resume" in stderr and "Traceback" not in stderr and not out.exists()
     assert part.read_bytes().endswith(b"\n")  # stopped between rows: nothing torn
+    assert not (tmp_path / "preds.csv.lock").exists()  # a run stopped by a signal removes its lock
     result = predict(trained_run, many, out, batch_size=8, quiet=True, resume=True)
     assert result.processed == 360 and result.failed == 2
     assert_same_rows(out, reference)
@@ -244,3 +250,108 @@ def test_resume_refuses_a_partial_made_with_other_options(many, trained_run, tmp
     assert same.exit_code == 0 and len(read_rows(out)) == 60
     fresh = cli("predict", trained_run, many / "batch_1", "--out", out, "--overwrite", "-k", "2", "-q")
     assert fresh.exit_code == 0 and len(read_rows(out)[0]) == 5
+
+
+# --- one writer per output ---------------------------------------------------------------------------------
+
+
+def test_a_second_run_onto_an_output_being_written_is_refused_and_the_first_is_intact(
+    many, reference, trained_run, run_copy, tmp_path
+):
+    out, part = tmp_path / "preds.csv", tmp_path / "preds.csv.part"
+    first = start_predict(trained_run, many, out)
+    wait_for_rows(first, part, 8)
+    first.send_signal(signal.SIGSTOP)  # keep it mid-run, holding the output, while the others try
+    try:
+        for extra in ((), ("--resume",), ("--overwrite",)):
+            second = start_predict(run_copy, many, out, *extra)  # another model, as an overlapping cron run
+            _, stderr = second.communicate(timeout=120)
+            assert second.returncode == 2, stderr
+            assert stderr.count("\n") == 1 and "Traceback" not in stderr
+            assert f"another run (pid {first.pid} on {socket.gethostname()}, started " in stderr
+            assert "pass --resume" not in stderr  # a live run holds the partial: resuming it is not the advice
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 1, stderr  # the two bad files
+    assert_same_rows(out, reference)
+    assert json.loads((tmp_path / "preds.job.json").read_text())["model"].startswith("sha256:")
+    assert not (tmp_path / "preds.csv.lock").exists() and not part.exists()
+
+
+def test_a_lock_of_a_dead_run_is_taken_over(many, trained_run, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / "preds.csv.lock"
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "2020-01-01T00:00:00"}))
+    result = cli("predict", trained_run, many / "batch_1", "--out", tmp_path / "preds.csv", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert len(read_rows(tmp_path / "preds.csv")) == 60 and not lock.exists()
+
+
+# --- what a job is made with ------------------------------------------------------------------------------
+
+
+def test_merge_and_resume_refuse_shards_made_with_other_ensemble_weights(many, trained_run, run_copy, tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    common = ["ensemble", trained_run, run_copy, "--input", many / "batch_1", "--rule", "weighted", "-q"]
+    assert cli(*common, "--weights", "1,0", "--out", a, "--shard", "0/2").exit_code == 0
+    assert cli(*common, "--weights", "0,1", "--out", b, "--shard", "1/2").exit_code == 0
+    refused = cli("merge", tmp_path / "m.csv", a, b)
+    assert refused.exit_code == 3 and "different rule_weights (1.0,0.0, now 0.0,1.0)" in refused.stderr
+    assert not (tmp_path / "m.csv").exists()
+    # As if the first shard had been killed just before renaming its partials into place.
+    a.rename(tmp_path / "a.csv.part")
+    (tmp_path / "a.errors.csv").rename(tmp_path / "a.errors.csv.part")
+    resumed = cli(*common, "--weights", "0,1", "--out", a, "--shard", "0/2", "--resume")
+    assert resumed.exit_code == 2 and "different rule_weights" in resumed.stderr and not a.exists()
+    assert cli(*common, "--weights", "1,0", "--out", a, "--shard", "0/2", "--resume").exit_code == 0
+
+
+def test_resume_refuses_a_partial_written_with_another_label_format(many, run_copy, tmp_path):
+    meta = json.loads((run_copy / "cvtool.json").read_text())
+    meta["wnids"] = ["n00000001", "n00000002", "n00000003"]  # a model with WordNet ids, as imagenet:NAME
+    (run_copy / "cvtool.json").write_text(json.dumps(meta))
+    out = tmp_path / "preds.csv"
+    assert cli("predict", run_copy, many / "batch_1", "--out", out, "--label-format", "wnid", "-q").exit_code == 0
+    out.rename(tmp_path / "preds.csv.part")
+    (tmp_path / "preds.errors.csv").rename(tmp_path / "preds.errors.csv.part")
+    other = cli("predict", run_copy, many / "batch_1", "--out", out, "--resume", "-q")
+    assert other.exit_code == 2 and "different label_format (wnid, now name)" in other.stderr
+    same = cli("predict", run_copy, many / "batch_1", "--out", out, "--resume", "--label-format", "wnid", "-q")
+    assert same.exit_code == 0 and {r[1] for r in read_rows(out)} <= set(meta["wnids"])
+
+
+# --- a resumed run keeps to the inputs it started with ------------------------------------------------------
+
+
+def test_resume_skips_inputs_added_since_the_start_so_shards_still_merge_in_input_order(many, trained_run, tmp_path):
+    folder = tmp_path / "incoming"
+    shutil.copytree(many, folder)
+    out, part = tmp_path / "part-0.csv", tmp_path / "part-0.csv.part"
+    proc = start_predict(trained_run, folder, out, "--shard", "0/2")
+    wait_for_rows(proc, part, 24)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    # Meanwhile the folder changes: a file of shard 0 arrives (sorting before the rows already done),
+    # and one not done yet is removed.
+    added = next(n for n in (f"batch_0/aaa {i}.png" for i in range(100)) if shard_of(n, 2) == 0)
+    colour_image(COLOURS["red"], size=(12, 12)).save(folder / added)
+    gone = next(n for n in (f"batch_5/img {i:03d}.png" for i in range(359, 0, -6)) if shard_of(n, 2) == 0)
+    (folder / gone).unlink()
+
+    resumed = cli("predict", trained_run, folder, "--out", out, "--shard", "0/2", "--resume", "-b", "8", "-q")
+    assert resumed.exit_code == 1, resumed.stderr
+    assert f"1 input(s) added since this run started are skipped: {added}" in resumed.stderr
+    rows = [r[0] for r in read_rows(out)]
+    errors = {r[0]: r[1] for r in read_rows(tmp_path / "part-0.errors.csv")}
+    assert added not in rows and added not in errors
+    assert rows == sorted(rows) and errors[gone] == "file not found"
+    assert not (tmp_path / "part-0.csv.inputs.part").exists()
+
+    assert cli("predict", trained_run, folder, "--out", tmp_path / "part-1.csv", "--shard", "1/2", "-q").exit_code == 1
+    merged = cli("merge", tmp_path / "all.csv", out, tmp_path / "part-1.csv")
+    assert merged.exit_code == 1, merged.stderr
+    paths = [r[0] for r in read_rows(tmp_path / "all.csv")]
+    assert paths == sorted(paths) and len(paths) == 360 - 1 and added not in paths
