@@ -189,13 +189,18 @@ ValSplit = Annotated[float, typer.Option(help="Fraction held out per class when 
 LabelSmoothing = Annotated[float, typer.Option(help="Label smoothing (0.1 is usual).")]
 Hflip = Annotated[bool, typer.Option("--hflip/--no-hflip", help="Random horizontal flips.")]
 Vflip = Annotated[bool, typer.Option("--vflip/--no-vflip", help="Random vertical flips.")]
-Rotation = Annotated[float, typer.Option(help="Random rotation, fraction of a full turn (0.05 = 18 degrees).")]
-Zoom = Annotated[float, typer.Option(help="Random zoom in/out, fraction.")]
-Shift = Annotated[float, typer.Option(help="Random shift, fraction of height/width.")]
-Shear = Annotated[float, typer.Option(help="Random shear intensity.")]
-Crop = Annotated[float, typer.Option(help="Random crop of up to this fraction of each side, resized back.")]
-Contrast = Annotated[float, typer.Option(help="Random contrast factor.")]
-Brightness = Annotated[float, typer.Option(help="Random brightness, fraction of the pixel range.")]
+Rotation = Annotated[
+    float, typer.Option(help="Random rotation, fraction of a full turn (0.05 = 18 degrees); 0 to 0.5.")
+]
+Zoom = Annotated[float, typer.Option(help="Random zoom in/out, fraction; 0 to under 1.")]
+Shift = Annotated[float, typer.Option(help="Random shift, fraction of height/width; 0 to 1.")]
+Shear = Annotated[float, typer.Option(help="Random shear intensity; 0 to 1.")]
+Crop = Annotated[
+    float,
+    typer.Option(help="Random crop: a window of (1 - CROP) of each side at a random place, resized back; 0 to 0.5."),
+]
+Contrast = Annotated[float, typer.Option(help="Random contrast factor; 0 to 1.")]
+Brightness = Annotated[float, typer.Option(help="Random brightness, fraction of the pixel range; 0 to 1.")]
 Checkpoint = Annotated[
     str,
     typer.Option(

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
-from cvtool.augment import AugmentConfig, build_augmenter
+from cvtool.augment import AugmentConfig, build_augmenter, validate_augment
 from cvtool.batches import Failure
 from cvtool.bundle import META_FILE, MODEL_FILE, write_meta
 from cvtool.callbacks import (  # noqa: F401 - re-exported: the callbacks used to live here
@@ -172,6 +172,7 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
     if cfg.patience < 0:
         raise UsageError("--patience must not be negative")
+    validate_augment(cfg.augment)
 
 
 @dataclass
