@@ -149,6 +149,17 @@ def open_run(out: str | Path, cfg: TrainConfig | None, cls: type, kind: str, ove
     return run_dir, stored, state
 
 
+def check_image_size(arch: str, side: int) -> None:
+    """Refuse a square side the network cannot take (keras.applications' own minimum), before any decoding."""
+    from cvtool.backbones import BACKBONES, MIN_IMAGE_SIZE
+
+    backbone = BACKBONES.get(arch)
+    smallest = backbone.min_size if backbone is not None else MIN_IMAGE_SIZE
+    if side < smallest:
+        network = f"{arch} needs" if backbone is not None else "the network needs"
+        raise UsageError(f"--image-size {side} is too small: {network} at least {smallest} pixels")
+
+
 def validate(cfg: TrainConfig) -> None:
     if cfg.epochs < 0:
         raise UsageError("--epochs must not be negative")
@@ -156,8 +167,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--batch-size must be at least 1")
     if cfg.lr <= 0:
         raise UsageError("--lr must be positive")
-    if cfg.image_size is not None and cfg.image_size < 8:
-        raise UsageError("--image-size must be at least 8")
+    if cfg.image_size is not None:
+        check_image_size(cfg.arch, cfg.image_size)
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise UsageError("--label-smoothing must be in [0, 1)")
     for value, allowed, option in (
