@@ -194,15 +194,11 @@ def training_dataset(
     augment=None,
     num_classes: int | None = None,
     class_weights=None,
-    label_smoothing: float = 0.0,
 ):
     """tf.data over a decoded split: shuffled indices -> batch gather -> augmentation -> prefetch.
 
-    Labels are one-hot when ``num_classes`` is given. ``label_smoothing`` (training
-    batches only) makes them ``y * (1 - a) + a / classes``: smoothing lives in the
-    targets, not in the compiled loss, so that ``val_loss`` stays the plain
-    cross-entropy of the model on the validation images, the figure ``evaluate``
-    reports. With ``class_weights`` (one weight per class) batches are (x, y, sample_weight).
+    Labels are one-hot when ``num_classes`` is given (needed for label smoothing).
+    With ``class_weights`` (one weight per class) batches are (x, y, sample_weight).
     ``decoded.images`` may also hold feature vectors [N, D] (hub backbones).
     """
     from cvtool.runtime import tf
@@ -228,8 +224,6 @@ def training_dataset(
         w = None if weights is None else tf.gather(weights, y)
         if num_classes is not None:
             y = tf.one_hot(y, num_classes)
-            if label_smoothing:
-                y = y * (1.0 - label_smoothing) + label_smoothing / num_classes
         return (x, y) if w is None else (x, y, w)
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)

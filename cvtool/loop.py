@@ -21,13 +21,10 @@ def custom_fit(
     initial_epoch: int,
     callbacks: list,
     steps_per_epoch: int,
+    label_smoothing: float = 0.0,
     strategy=None,
 ) -> None:
-    """Train a compiled ``model`` (its optimizer is used) from ``initial_epoch`` to ``epochs``.
-
-    Label smoothing, when used, is already in ``train_ds``'s targets, so the
-    validation loss is the plain cross-entropy, as with ``model.fit``.
-    """
+    """Train a compiled ``model`` (its optimizer is used) from ``initial_epoch`` to ``epochs``."""
     strategy = strategy or tf.distribute.get_strategy()
     optimizer = model.optimizer
     cbs = keras.callbacks.CallbackList(callbacks, model=model)
@@ -37,7 +34,7 @@ def custom_fit(
         accuracy, val_accuracy = keras.metrics.CategoricalAccuracy(), keras.metrics.CategoricalAccuracy()
 
     def per_example_loss(y, probs):
-        return keras.losses.categorical_crossentropy(y, tf.cast(probs, tf.float32))
+        return keras.losses.categorical_crossentropy(y, tf.cast(probs, tf.float32), label_smoothing=label_smoothing)
 
     def unpack(batch):
         x, y = batch[0], batch[1]

@@ -102,11 +102,11 @@ def make_optimizer(name: str, lr: float):
     raise UsageError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
-def make_loss():
-    """Categorical cross-entropy on one-hot (or smoothed, see :func:`cvtool.data.training_dataset`) targets."""
+def make_loss(label_smoothing: float = 0.0):
+    """Categorical cross-entropy on one-hot labels; targets become y * (1 - a) + a / classes."""
     from cvtool.runtime import keras
 
-    return keras.losses.CategoricalCrossentropy()
+    return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
 
 
 def prepare_run_dir(out: str | Path, overwrite: bool) -> Path:
@@ -297,7 +297,7 @@ class Trainer:
         with self.strategy.scope():
             model.compile(
                 optimizer=make_optimizer(self.cfg.optimizer, lr),
-                loss=make_loss(),
+                loss=make_loss(self.cfg.label_smoothing),
                 metrics=["accuracy"],
             )
 
@@ -309,9 +309,7 @@ class Trainer:
         batch = cfg.batch_size * self.strategy.num_replicas_in_sync
         augmenter = build_augmenter(cfg.augment, data.image_size, cfg.seed) if augment else None
         n = data.num_classes
-        train_ds = training_dataset(
-            data.train_set, batch, True, cfg.seed, augmenter, n, data.class_weights, label_smoothing=cfg.label_smoothing
-        )
+        train_ds = training_dataset(data.train_set, batch, True, cfg.seed, augmenter, n, data.class_weights)
         val_ds = training_dataset(data.val_set, batch, False, cfg.seed, None, n) if data.has_val else None
         calibration = training_dataset(data.train_set, batch, True, cfg.seed + 1, None, n)
         return train_ds, val_ds, calibration
@@ -342,7 +340,17 @@ class Trainer:
         if self.cfg.loop == "custom":
             from cvtool.loop import custom_fit
 
-            custom_fit(model, train_ds, val_ds, until, self.epoch, callbacks, steps, strategy=self.strategy)
+            custom_fit(
+                model,
+                train_ds,
+                val_ds,
+                until,
+                self.epoch,
+                callbacks,
+                steps,
+                self.cfg.label_smoothing,
+                self.strategy,
+            )
         else:
             model.fit(
                 train_ds,
