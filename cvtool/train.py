@@ -32,6 +32,7 @@ from cvtool.callbacks import (  # noqa: F401 - re-exported: the callbacks used t
     MonitorTracker,
     RecalibrateBatchNorm,
     ResumePoint,
+    ValidationScores,
     format_logs,
     read_resume_point,
     tensorboard,
@@ -302,7 +303,7 @@ class Trainer:
             )
 
     def datasets(self, augment: bool = True):
-        """(train, validation or None, calibration) tf.data pipelines."""
+        """(train, calibration) tf.data pipelines; validation reads the decoded images (:class:`ValidationScores`)."""
         from cvtool.data import training_dataset
 
         cfg, data = self.cfg, self.data
@@ -310,15 +311,14 @@ class Trainer:
         augmenter = build_augmenter(cfg.augment, data.image_size, cfg.seed) if augment else None
         n = data.num_classes
         train_ds = training_dataset(data.train_set, batch, True, cfg.seed, augmenter, n, data.class_weights)
-        val_ds = training_dataset(data.val_set, batch, False, cfg.seed, None, n) if data.has_val else None
         calibration = training_dataset(data.train_set, batch, True, cfg.seed + 1, None, n)
-        return train_ds, val_ds, calibration
+        return train_ds, calibration
 
     def fit(self, model, until: int, phase: str | None = None, augment: bool = True) -> None:
         """Train ``model`` (compiled) from the current epoch up to epoch ``until`` (1-based, inclusive)."""
         if until <= self.epoch:
             return
-        train_ds, val_ds, calibration = self.datasets(augment)
+        train_ds, calibration = self.datasets(augment)
         steps = math.ceil(len(self.data.train_set.labels) / (self.cfg.batch_size * self.strategy.num_replicas_in_sync))
         if phase != self.phase:
             self.stopper.wait = 0
@@ -327,8 +327,10 @@ class Trainer:
             trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
             self.history.extra = {"phase": phase, "trainable_params": trainable}
             self.resume_point.info["phase"] = phase
+        # Order matters: recalibrate BN, then validate that model, then everything that reads val_* or saves it.
         callbacks = [
-            RecalibrateBatchNorm(calibration, steps_per_epoch=steps),
+            RecalibrateBatchNorm(calibration),
+            ValidationScores(self.data.val_set.images, self.data.val_set.labels, self.cfg.batch_size),
             self.history,
             self.saver,
             self.checkpointer,
@@ -343,18 +345,16 @@ class Trainer:
             custom_fit(
                 model,
                 train_ds,
-                val_ds,
                 until,
                 self.epoch,
                 callbacks,
                 steps,
-                self.cfg.label_smoothing,
-                self.strategy,
+                label_smoothing=self.cfg.label_smoothing,
+                strategy=self.strategy,
             )
         else:
             model.fit(
                 train_ds,
-                validation_data=val_ds,
                 epochs=until,
                 initial_epoch=self.epoch,
                 callbacks=callbacks,
