@@ -224,6 +224,13 @@ Deterministic = Annotated[bool, typer.Option("--deterministic", help="Turn on Te
 MixedPrecision = Annotated[
     str, typer.Option(help="auto (on for GPUs with compute capability >= 7.0), on or off (mixed_float16).")
 ]
+Layout = Annotated[
+    str,
+    typer.Option(
+        help="How DATA's folders are read: auto, classes (every sub-folder is a class) or splits "
+        "(train/, validation/ or val/, test/ holding class folders; other folders ignored).",
+    ),
+]
 TrainResume = Annotated[
     bool,
     typer.Option(
@@ -274,6 +281,7 @@ def train(
     loop: Loop = "fit",
     deterministic: Deterministic = False,
     mixed_precision: MixedPrecision = "auto",
+    layout: Layout = "auto",
     resume: TrainResume = False,
     members: Annotated[
         int, typer.Option(min=1, help="Train K models (seeds SEED..SEED+K-1) into RUN/member-1..K as an ensemble.")
@@ -288,7 +296,7 @@ def train(
     augment = _augment(hflip, vflip, rotation, zoom, shift, shear, crop, contrast, brightness)
     cfg = TrainConfig(
         arch, epochs or 10, image_size, batch_size, lr, optimizer, seed, val_split, label_smoothing, augment,
-        checkpoint, monitor, patience, min_delta, class_weight, loop, deterministic, mixed_precision,
+        checkpoint, monitor, patience, min_delta, class_weight, loop, deterministic, mixed_precision, layout,
     )  # fmt: skip
     if resume:  # the stored config is used; only --epochs can change
         cfg = None if epochs is None else TrainConfig(epochs=epochs)
@@ -368,6 +376,7 @@ def evaluate(
     split: Annotated[
         str, typer.Option(help="auto (test/, else validation/, else all), test, validation, train or all.")
     ] = "auto",
+    layout: Layout = "auto",
     rank: Annotated[str, typer.Option(help="Comma list of N for rank-N (top-N) accuracy.")] = "1,3,5",
     top_k: TopK = 3,
     batch_size: BatchSize = 32,
@@ -420,6 +429,7 @@ def evaluate(
         tta=tta,
         rule=rule if len(models) > 1 or rule != "mean" else None,
         rule_weights=parse_weights(rule_weights),
+        layout=layout,
     )
     _report(result.processed, result.failed, result.out_dir / "metrics.json", result.out_dir / "errors.csv", quiet)
     return result.exit_code
@@ -668,6 +678,7 @@ def finetune(
     loop: Loop = "fit",
     deterministic: Deterministic = False,
     mixed_precision: MixedPrecision = "auto",
+    layout: Layout = "auto",
     resume: TrainResume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -684,6 +695,7 @@ def finetune(
         monitor=monitor, patience=patience, min_delta=min_delta, class_weight=class_weight, loop=loop,
         deterministic=deterministic, mixed_precision=mixed_precision, head_epochs=head_epochs, weights=weights,
         dropout=dropout, unfreeze=unfreeze, unfreeze_fraction=unfreeze_fraction, fine_tune_lr=fine_tune_lr,
+        layout=layout,
     )  # fmt: skip
     if resume:  # the stored config is used; only --epochs can change
         cfg = None if epochs is None else FinetuneConfig(epochs=epochs)

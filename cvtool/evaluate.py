@@ -13,7 +13,7 @@ import numpy as np
 
 from cvtool.batches import Failure
 from cvtool.bundle import Classifier
-from cvtool.data import LabelledSet, read_class_folders, split_dirs
+from cvtool.data import LAYOUTS, LabelledSet, read_class_folders, split_dirs
 from cvtool.ensemble import ensemble_scorer
 from cvtool.errors import UnusableError, UsageError
 from cvtool.images import InputItem
@@ -43,15 +43,21 @@ class EvalResult:
 
 
 def labelled_from_folder(
-    data: Path, class_names: list[str], split: str, wnids: list[str] | None = None, exclude: Path | None = None
+    data: Path,
+    class_names: list[str],
+    split: str,
+    wnids: list[str] | None = None,
+    exclude: Path | None = None,
+    layout: str = "auto",
 ) -> tuple[LabelledSet, str]:
     """The split to evaluate: ``auto`` takes test/, else validation/, else the whole folder.
 
     Class folders are named by class name or, for a model with WordNet ids
     (``imagenet:NAME``), by WordNet id as in ImageNet's own layout (``n01440764/``).
     ``exclude`` (evaluate's own output folder, when inside DATA) is never read as data.
+    ``layout`` (auto, classes, splits) is :func:`cvtool.data.split_dirs`'s.
     """
-    splits = split_dirs(data)
+    splits = split_dirs(data, layout, exclude)
     if split == "auto":
         chosen = splits.get("test") or splits.get("validation")
         if chosen is None and "train" in splits:
@@ -169,19 +175,22 @@ def evaluate(
     tta: TtaOptions | None = None,
     rule: str | None = None,
     rule_weights: Sequence[float] | None = None,
+    layout: str = "auto",
 ) -> EvalResult:
     """Evaluate a model on a labelled folder (or a flat folder plus a labels CSV); write reports to ``out_dir``.
 
     Several models (or an ensemble run directory) are combined by ``rule`` (``rule_weights`` for the
     weighted rule); with them or with ``tta``, ``metrics.json`` also compares each member alone, the
     combination and the TTA gain side by side. ``weights`` is a local weights file for an
-    ``imagenet:NAME`` model.
+    ``imagenet:NAME`` model. ``layout`` says how DATA's folders are read (auto, classes, splits).
     """
     data, out_dir = Path(data), Path(out_dir)
     if not data.is_dir():
         raise UsageError(f"data folder not found: {data}")
     if labels is not None and not Path(labels).is_file():
         raise UsageError(f"labels file not found: {labels}")
+    if layout not in LAYOUTS:
+        raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if any(k < 1 for k in ranks):
         raise UsageError("--rank values must be at least 1")
     if tta is not None and "identity" not in tta.transforms:
@@ -196,7 +205,7 @@ def evaluate(
         labelled, failures = labelled_from_csv(data, Path(labels), path_column, label_column, names, wnids)
         source = str(labels)
     else:
-        (labelled, source), failures = labelled_from_folder(data, names, split, wnids, out_dir), []
+        (labelled, source), failures = labelled_from_folder(data, names, split, wnids, out_dir, layout), []
     if len(labelled) == 0 and not failures:
         raise UsageError(f"no labelled images found in {source}")
     label_of = {id(item): label for item, label in zip(labelled.items, labelled.labels)}

@@ -7,6 +7,7 @@ one set of callbacks, one way of writing and resuming a run directory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from dataclasses import asdict, dataclass, field, fields
@@ -37,6 +38,7 @@ from cvtool.callbacks import (  # noqa: F401 - re-exported: the callbacks used t
     read_resume_point,
     tensorboard,
 )
+from cvtool.data import LAYOUTS
 from cvtool.errors import UnusableError, UsageError
 from cvtool.outputs import write_csv
 from cvtool.progress import info, warn
@@ -69,6 +71,7 @@ class TrainConfig:
     loop: str = "fit"  # fit | custom
     deterministic: bool = False
     mixed_precision: str = "auto"  # auto | on | off
+    layout: str = "auto"  # how DATA's folders are read: auto | classes | splits (cvtool.data.split_dirs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,6 +182,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.class_weight, CLASS_WEIGHTS, "--class-weight"),
         (cfg.loop, LOOPS, "--loop"),
         (cfg.mixed_precision, ("auto", "on", "off"), "--mixed-precision"),
+        (cfg.layout, LAYOUTS, "--layout"),
     ):
         if value not in allowed:
             raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
@@ -216,11 +220,17 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def load_data(data: str | Path, cfg: TrainConfig, run_dir: Path, side: int, quiet: bool) -> TrainingData:
-    """Find the splits, decode each once (the cache), write errors.csv, derive class weights."""
-    from cvtool.data import decode_set, discover
+def load_data(
+    data: str | Path, cfg: TrainConfig, run_dir: Path, side: int, quiet: bool, exclude: Path | None = None
+) -> TrainingData:
+    """Find the splits, decode each once (the cache), write errors.csv, derive class weights.
 
-    splits = discover(data, cfg.val_split, cfg.seed)
+    ``exclude``: a folder inside ``data`` that is never read as data (the run being written).
+    A class none of whose training images can be read is dropped, with a warning.
+    """
+    from cvtool.data import decode_set, discover, drop_classes_without_images
+
+    splits = discover(data, cfg.val_split, cfg.seed, layout=cfg.layout, exclude=exclude)
     image_size = (side, side)
     info(
         f"{len(splits.train)} training files, {len(splits.validation)} validation, at {side}x{side}; "
@@ -235,6 +245,14 @@ def load_data(data: str | Path, cfg: TrainConfig, run_dir: Path, side: int, quie
         warn(f"skipped {f.item.rel}: {f.reason}")
     if len(train_set.labels) == 0:
         raise UnusableError(f"no readable training images in {data}")
+    kept, dropped, (train_set, kept_val) = drop_classes_without_images(splits.class_names, train_set, val_set)
+    for name in dropped:
+        left_out = int(np.sum(val_set.labels == splits.class_names.index(name)))
+        also = f" (its {left_out} validation images are left out too)" if left_out else ""
+        warn(f"class {name} dropped: none of its training images could be read{also}")
+    if len(kept) < 2:
+        raise UnusableError(f"{data}: only class {kept[0]} has readable training images; at least two are needed")
+    splits, val_set = dataclasses.replace(splits, class_names=kept), kept_val
     weights = None
     if cfg.class_weight == "balanced":
         weights = balanced_class_weights(train_set.labels, len(splits.class_names))
@@ -451,7 +469,7 @@ def train(
     with precision_scope(cfg.mixed_precision) as mixed:
         strategy = distribution_strategy()
         info(f"training {cfg.arch} ({strategy_name(strategy)}, mixed precision {'on' if mixed else 'off'})", quiet)
-        tdata = load_data(data, cfg, run_dir, side, quiet)
+        tdata = load_data(data, cfg, run_dir, side, quiet, exclude=run_dir)
         trainer = Trainer(run_dir, cfg, tdata, "train", quiet, strategy)
         if state is not None:
             trainer.restore(state)
