@@ -33,6 +33,7 @@ import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
 from cvtool.errors import UnusableError, UsageError
 from cvtool.progress import info
 from cvtool.train import (
+    RunFolder,
     TrainConfig,
     Trainer,
     TrainingData,
@@ -165,16 +166,22 @@ def finetune(
     ``resume`` continues the run in ``out`` with its stored config; ``cfg`` (optional)
     only sets the fine-tune phase's epochs.
     """
-    from cvtool.devices import distribution_strategy, seed_everything, strategy_name
+    from cvtool.devices import seed_everything
 
-    run_dir, cfg, state = open_run(out, cfg, FinetuneConfig, "finetune", overwrite, resume)
-    validate_finetune(cfg)
-    total = cfg.head_epochs + (0 if cfg.is_hub else cfg.epochs)
-    if state is not None and state["epoch"] >= total and state.get("phase") != HEAD_PHASE:
-        raise UsageError(f"{run_dir} already ran {state['epoch']} epochs; pass a larger --epochs to continue")
-    seed_everything(cfg.seed + (state["epoch"] if state else 0), cfg.deterministic)
-    if cfg.is_hub:
-        return _finetune_hub(data, run_dir, cfg, state, quiet)
+    run, cfg, state = open_run(out, cfg, FinetuneConfig, "finetune", overwrite, resume, check=validate_finetune)
+    with run:
+        total = cfg.head_epochs + (0 if cfg.is_hub else cfg.epochs)
+        if state is not None and state["epoch"] >= total and state.get("phase") != HEAD_PHASE:
+            raise UsageError(f"{run.target} already ran {state['epoch']} epochs; pass a larger --epochs to continue")
+        seed_everything(cfg.seed + (state["epoch"] if state else 0), cfg.deterministic)
+        if cfg.is_hub:
+            return _finetune_hub(data, run, cfg, state, quiet)
+        return _finetune_backbone(data, run, cfg, state, quiet, total)
+
+
+def _finetune_backbone(data, run: RunFolder, cfg: FinetuneConfig, state: dict | None, quiet: bool, total: int):
+    """The two phases on a keras.applications backbone."""
+    from cvtool.devices import distribution_strategy, strategy_name
     from cvtool.models import get_backbone
 
     backbone = get_backbone(cfg.arch)
@@ -182,13 +189,13 @@ def finetune(
     with precision_scope(cfg.mixed_precision) as mixed:
         strategy = distribution_strategy()
         info(f"fine-tuning {cfg.arch} (weights {cfg.weights}, {strategy_name(strategy)})", quiet)
-        tdata = load_data(data, cfg, run_dir, side, quiet)
-        trainer = Trainer(run_dir, cfg, tdata, "finetune", quiet, strategy)
+        tdata = load_data(data, cfg, run.path, side, quiet, exclude=run.target)
+        trainer = Trainer(run, cfg, tdata, "finetune", quiet, strategy)
         trainer.logger.epochs = total
         if state is not None:
             trainer.restore(state)
             model = trainer.load_resume_model(state)
-            info(f"resuming {run_dir} after epoch {trainer.epoch} ({trainer.phase} phase)", quiet)
+            info(f"resuming {run.target} after epoch {trainer.epoch} ({trainer.phase} phase)", quiet)
         else:
             with strategy.scope():
                 model = build_model(cfg, tdata.num_classes, tdata.image_size)
@@ -208,6 +215,7 @@ def finetune(
             trainer.resume_point.info["phase_start"] = phase_start
             trainer.logger.epochs = phase_start + cfg.epochs
             trainer.fit(model, phase_start + cfg.epochs, phase=FINE_TUNE_PHASE)
+        trainer.publish()
         extra = {
             "arch": cfg.arch,
             "backbone": cfg.arch,
@@ -217,10 +225,10 @@ def finetune(
         write_run_meta(trainer, data, extra, mixed)
     metrics = trainer.metrics()
     info(f"best epoch {metrics['best_epoch']}: " + format_logs(trainer.saver.best_logs), quiet)
-    return TrainResult(run_dir, metrics, tdata.failures, model)
+    return TrainResult(run.target, metrics, tdata.failures, model)
 
 
-def _finetune_hub(data, run_dir: Path, cfg: FinetuneConfig, state: dict | None, quiet: bool) -> TrainResult:
+def _finetune_hub(data, run: RunFolder, cfg: FinetuneConfig, state: dict | None, quiet: bool) -> TrainResult:
     """Head on frozen hub features; the SavedModel is copied into the run directory."""
     from cvtool.bundle import HUB_DIR, hub_features, load_hub_model
     from cvtool.data import DecodedSet
@@ -233,7 +241,7 @@ def _finetune_hub(data, run_dir: Path, cfg: FinetuneConfig, state: dict | None, 
     with precision_scope("off") as mixed:
         strategy = distribution_strategy()
         info(f"hub feature extractor {handle} (frozen: only the head is trained, no augmentation)", quiet)
-        tdata = load_data(data, cfg, run_dir, side, quiet)
+        tdata = load_data(data, cfg, run.path, side, quiet, exclude=run.target)
         feats = [
             DecodedSet(hub_features(extractor, s.images, cfg.batch_size), s.labels, s.items, s.failures)
             for s in (tdata.train_set, tdata.val_set)
@@ -242,7 +250,7 @@ def _finetune_hub(data, run_dir: Path, cfg: FinetuneConfig, state: dict | None, 
         if not tdata.has_val:
             feats[1] = DecodedSet(np.zeros((0, dim), np.float32), feats[1].labels, [], [])
         fdata = TrainingData(tdata.splits, feats[0], feats[1], tdata.image_size, tdata.failures, tdata.class_weights)
-        trainer = Trainer(run_dir, cfg, fdata, "finetune", quiet, strategy)
+        trainer = Trainer(run, cfg, fdata, "finetune", quiet, strategy)
         trainer.logger.epochs = cfg.head_epochs
         if state is not None:
             trainer.restore(state)
@@ -255,7 +263,8 @@ def _finetune_hub(data, run_dir: Path, cfg: FinetuneConfig, state: dict | None, 
                 model = keras.Model(inputs, outputs, name="hub_head")
             trainer.compile(model, cfg.lr)
         trainer.fit(model, cfg.head_epochs, phase=HEAD_PHASE, augment=False)
-        _copy_hub_model(handle, run_dir / HUB_DIR)
+        trainer.publish()
+        _copy_hub_model(handle, trainer.run_dir / HUB_DIR)
         extra = {
             "arch": cfg.arch,
             "backbone": cfg.arch,
@@ -266,7 +275,7 @@ def _finetune_hub(data, run_dir: Path, cfg: FinetuneConfig, state: dict | None, 
         write_run_meta(trainer, data, extra, mixed, preprocessing="pixels / 255, then the hub model")
     metrics = trainer.metrics()
     info(f"best epoch {metrics['best_epoch']}: " + format_logs(trainer.saver.best_logs), quiet)
-    return TrainResult(run_dir, metrics, tdata.failures, model)
+    return TrainResult(run.target, metrics, tdata.failures, model)
 
 
 def _copy_hub_model(handle: str, dest: Path) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
 from cvtool.augment import AugmentConfig, build_augmenter, validate_augment
 from cvtool.batches import Failure
-from cvtool.bundle import META_FILE, MODEL_FILE, write_meta
+from cvtool.bundle import HUB_DIR, META_FILE, MODEL_FILE, write_meta
 from cvtool.callbacks import (  # noqa: F401 - re-exported: the callbacks used to live here
     CHECKPOINT_DIR,
     CHECKPOINT_POLICIES,
@@ -42,6 +42,7 @@ from cvtool.data import LAYOUTS
 from cvtool.errors import UnusableError, UsageError
 from cvtool.outputs import write_csv
 from cvtool.progress import info, warn
+from cvtool.runtime import keras
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 LOOPS = ("fit", "custom")
@@ -113,32 +114,89 @@ def make_loss(label_smoothing: float = 0.0):
     return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
 
 
-def prepare_run_dir(out: str | Path, overwrite: bool) -> Path:
+# What a run directory holds (cvtool's own files): replaced together by --overwrite; anything else is kept.
+RUN_ENTRIES = (MODEL_FILE, META_FILE, HISTORY_FILE, "history.png", ERRORS_FILE, CHECKPOINT_DIR, LOG_DIR, HUB_DIR)
+
+
+class RunFolder:
+    """Where a run is written: ``target`` itself, or beside it while it replaces a run there.
+
+    ``--overwrite`` builds the new run aside, in a hidden sibling folder, and
+    :meth:`publish` moves it into ``target`` once it has saved its first epoch:
+    a new run that fails before that (bad data, unusable weights, an error in
+    the first epoch, Ctrl-C) leaves the old run exactly as it was. Used as a
+    context manager, a failure before publishing removes the folder built aside.
+
+    Example: ``with RunFolder(Path("runs/a"), staged=True) as run: ... run.publish()``.
+    """
+
+    def __init__(self, target: Path, staged: bool = False):
+        self.target = Path(target)
+        resolved = self.target.resolve()
+        self._replaced = resolved.parent / f".{resolved.name}.cvtool-old"  # the old entries, while they are swapped
+        self.path = resolved.parent / f".{resolved.name}.cvtool-new" if staged else self.target
+
+    @property
+    def staged(self) -> bool:
+        """Still built aside (not yet published)."""
+        return self.path != self.target
+
+    def prepare(self) -> RunFolder:
+        if self.staged:
+            shutil.rmtree(self.path, ignore_errors=True)  # left by a killed run
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def publish(self) -> bool:
+        """Replace the old run's entries in ``target`` by the new run's; False when there was nothing to do."""
+        if not self.staged:
+            return False
+        staging, target, old = self.path, self.target, self._replaced
+        shutil.rmtree(old, ignore_errors=True)
+        old.mkdir()
+        target.mkdir(parents=True, exist_ok=True)
+        for name in dict.fromkeys([*RUN_ENTRIES, *(p.name for p in staging.iterdir())]):
+            if (target / name).exists() or (target / name).is_symlink():
+                (target / name).rename(old / name)
+        for entry in staging.iterdir():
+            entry.rename(target / entry.name)
+        staging.rmdir()
+        shutil.rmtree(old, ignore_errors=True)
+        self.path = target
+        return True
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.staged:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def prepare_run_dir(out: str | Path, overwrite: bool) -> RunFolder:
+    """The folder a new run goes to: ``out``, or beside it when it replaces the run there (``overwrite``)."""
     run_dir = Path(out)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file; give a folder for the run")
-    if (run_dir / MODEL_FILE).exists() or (run_dir / META_FILE).exists() or read_resume_point(run_dir):
-        if not overwrite:
-            raise UsageError(
-                f"{run_dir} already holds a trained or interrupted run; pass --resume to continue it "
-                "or --overwrite to replace it"
-            )
-        for sub in (CHECKPOINT_DIR, LOG_DIR):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
-        (run_dir / HISTORY_FILE).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    holds_run = (run_dir / MODEL_FILE).exists() or (run_dir / META_FILE).exists() or read_resume_point(run_dir)
+    if holds_run and not overwrite:
+        raise UsageError(
+            f"{run_dir} already holds a trained or interrupted run; pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    return RunFolder(run_dir, staged=bool(holds_run)).prepare()
 
 
-def open_run(out: str | Path, cfg: TrainConfig | None, cls: type, kind: str, overwrite: bool, resume: bool):
-    """(run_dir, cfg, resume state or None).
+def open_run(out: str | Path, cfg: TrainConfig | None, cls: type, kind: str, overwrite: bool, resume: bool, check=None):
+    """(RunFolder, cfg, resume state or None), the config checked by ``check`` (default :func:`validate`) first.
 
     Resuming takes the run's stored config; only ``cfg.epochs`` (when ``cfg``
     is given) replaces the stored number of epochs.
     """
+    check = check or validate
     if not resume:
         cfg = cfg or cls()
-        validate(cfg)
+        check(cfg)
         return prepare_run_dir(out, overwrite), cfg, None
     run_dir = Path(out)
     state = read_resume_point(run_dir)
@@ -149,8 +207,8 @@ def open_run(out: str | Path, cfg: TrainConfig | None, cls: type, kind: str, ove
     stored = cls.from_dict(state["config"])
     if cfg is not None:
         stored.epochs = cfg.epochs
-    validate(stored)
-    return run_dir, stored, state
+    check(stored)
+    return RunFolder(run_dir), stored, state
 
 
 def check_image_size(arch: str, side: int) -> None:
@@ -268,8 +326,9 @@ class Trainer:
     history.csv has one row per epoch and the resume point follows along.
     """
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, data: TrainingData, kind: str, quiet: bool, strategy):
-        self.run_dir, self.cfg, self.data, self.kind, self.quiet = run_dir, cfg, data, kind, quiet
+    def __init__(self, run: RunFolder, cfg: TrainConfig, data: TrainingData, kind: str, quiet: bool, strategy):
+        self.run, self.cfg, self.data, self.kind, self.quiet = run, cfg, data, kind, quiet
+        run_dir = run.path
         self.strategy = strategy
         monitor = cfg.monitor
         if monitor.startswith("val_") and not data.has_val:
@@ -290,6 +349,19 @@ class Trainer:
         self.logger = EpochLogger(self._total_epochs(), quiet)
         self.epoch = 0  # epochs completed
         self.phase: str | None = None
+        self.board = None  # the current fit's TensorBoard writer
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
+
+    def publish(self) -> None:
+        """Move a run built aside into place (see :class:`RunFolder`); the callbacks write there from now on."""
+        aside = self.run.path
+        if self.run.publish():
+            for cb in (self.saver, self.checkpointer, self.history, self.resume_point, self.board):
+                if cb is not None:
+                    _relocate(cb, aside, self.run.path)
 
     def _total_epochs(self) -> int:
         return self.cfg.epochs
@@ -345,6 +417,7 @@ class Trainer:
             trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
             self.history.extra = {"phase": phase, "trainable_params": trainable}
             self.resume_point.info["phase"] = phase
+        self.board = tensorboard(self.run_dir)
         # Order matters: recalibrate BN, then validate that model, then everything that reads val_* or saves it.
         callbacks = [
             RecalibrateBatchNorm(calibration),
@@ -353,9 +426,10 @@ class Trainer:
             self.saver,
             self.checkpointer,
             self.stopper,
-            tensorboard(self.run_dir),
+            self.board,
             self.logger,
             self.resume_point,
+            PublishRun(self),  # last: after every file of the first epoch is saved
         ]
         if self.cfg.loop == "custom":
             from cvtool.loop import custom_fit
@@ -383,6 +457,27 @@ class Trainer:
 
     def metrics(self) -> dict:
         return {"monitor": self.monitor, "best_epoch": self.saver.best_epoch, **self.saver.best_logs}
+
+
+class PublishRun(keras.callbacks.Callback):
+    """Publishes a run built aside (``--overwrite``) once its first epoch is saved: :meth:`Trainer.publish`."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.trainer = trainer
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.trainer.publish()
+
+
+def _relocate(callback, old: Path, new: Path) -> None:
+    """Point the callback's paths inside ``old`` (model file, checkpoints, history, logs) at ``new``.
+
+    TensorBoard's open event files moved with their folder and are written on as they are.
+    """
+    for name, value in list(vars(callback).items()):
+        if isinstance(value, Path) and value.is_relative_to(old):
+            setattr(callback, name, new / value.relative_to(old))
 
 
 def write_run_meta(
@@ -450,41 +545,47 @@ def train(
     overwrite: bool = False,
     quiet: bool = False,
     resume: bool = False,
+    exclude: str | Path | None = None,
 ) -> TrainResult:
     """Train ``cfg.arch`` on the labelled folder ``data``; write the run directory ``out``.
 
     ``resume``: continue the interrupted (or finished) run in ``out`` from its
     last epoch, with its stored config; ``cfg`` (optional) only sets the epochs.
+    ``overwrite`` replaces a run in ``out`` once the new one has saved its first
+    epoch (:class:`RunFolder`). ``exclude``: the folder inside ``data`` never read
+    as data (default ``out``; an ensemble passes its own folder).
     """
     from cvtool.devices import distribution_strategy, seed_everything, strategy_name
     from cvtool.models import build_scratch, default_image_size
 
-    run_dir, cfg, state = open_run(out, cfg, TrainConfig, "train", overwrite, resume)
-    if cfg.epochs < 1:
-        raise UsageError("--epochs must be at least 1")
-    if state is not None and state["epoch"] >= cfg.epochs:
-        raise UsageError(f"{run_dir} already ran {state['epoch']} epochs; pass a larger --epochs to continue")
-    side = cfg.image_size or default_image_size(cfg.arch)
-    seed_everything(cfg.seed + (state["epoch"] if state else 0), cfg.deterministic)
-    with precision_scope(cfg.mixed_precision) as mixed:
-        strategy = distribution_strategy()
-        info(f"training {cfg.arch} ({strategy_name(strategy)}, mixed precision {'on' if mixed else 'off'})", quiet)
-        tdata = load_data(data, cfg, run_dir, side, quiet, exclude=run_dir)
-        trainer = Trainer(run_dir, cfg, tdata, "train", quiet, strategy)
-        if state is not None:
-            trainer.restore(state)
-            model = trainer.load_resume_model(state)
-            info(f"resuming {run_dir} after epoch {trainer.epoch}", quiet)
-        else:
-            with strategy.scope():
-                model = build_scratch(cfg.arch, tdata.num_classes, tdata.image_size)
-            trainer.compile(model, cfg.lr)
-        trainer.fit(model, cfg.epochs)
-        extra = {"arch": cfg.arch, "backbone": None if cfg.arch == "small-cnn" else cfg.arch}
-        write_run_meta(trainer, data, extra, mixed)
+    run, cfg, state = open_run(out, cfg, TrainConfig, "train", overwrite, resume)
+    with run:
+        if cfg.epochs < 1:
+            raise UsageError("--epochs must be at least 1")
+        if state is not None and state["epoch"] >= cfg.epochs:
+            raise UsageError(f"{run.target} already ran {state['epoch']} epochs; pass a larger --epochs to continue")
+        side = cfg.image_size or default_image_size(cfg.arch)
+        seed_everything(cfg.seed + (state["epoch"] if state else 0), cfg.deterministic)
+        with precision_scope(cfg.mixed_precision) as mixed:
+            strategy = distribution_strategy()
+            info(f"training {cfg.arch} ({strategy_name(strategy)}, mixed precision {'on' if mixed else 'off'})", quiet)
+            tdata = load_data(data, cfg, run.path, side, quiet, exclude=Path(exclude or run.target))
+            trainer = Trainer(run, cfg, tdata, "train", quiet, strategy)
+            if state is not None:
+                trainer.restore(state)
+                model = trainer.load_resume_model(state)
+                info(f"resuming {run.target} after epoch {trainer.epoch}", quiet)
+            else:
+                with strategy.scope():
+                    model = build_scratch(cfg.arch, tdata.num_classes, tdata.image_size)
+                trainer.compile(model, cfg.lr)
+            trainer.fit(model, cfg.epochs)
+            trainer.publish()
+            extra = {"arch": cfg.arch, "backbone": None if cfg.arch == "small-cnn" else cfg.arch}
+            write_run_meta(trainer, data, extra, mixed)
     metrics = trainer.metrics()
     info(f"best epoch {metrics['best_epoch']}: " + format_logs(trainer.saver.best_logs), quiet)
-    return TrainResult(run_dir, metrics, tdata.failures, model)
+    return TrainResult(run.target, metrics, tdata.failures, model)
 
 
 def plot_history(run_dir: Path) -> Path | None:
