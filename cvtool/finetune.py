@@ -6,10 +6,15 @@ dropout, dense softmax) is trained for ``head_epochs`` at ``lr``. Phase
 ``unfreeze_fraction`` of them) are unfrozen and everything trainable is
 trained for ``epochs`` more at ``fine_tune_lr`` (default lr / 10).
 
-The backbone is called with ``training=False`` and its BatchNormalization
-layers stay frozen in both phases: their ImageNet statistics are kept, the
-known fine-tuning pitfall (batch statistics of a small data set wrecking
-them) is avoided, and frozen layers stay bit-identical to the loaded weights.
+With pretrained weights the backbone is called with ``training=False`` and
+its BatchNormalization layers stay frozen in both phases: their ImageNet
+statistics are kept, the known fine-tuning pitfall (batch statistics of a
+small data set wrecking them) is avoided, and frozen layers stay
+bit-identical to the loaded weights. With ``weights="none"`` there are no
+statistics to keep: BatchNormalization trains in both phases (batch
+statistics in training, moving averages re-estimated every epoch), since a
+random backbone normalised by its initial statistics gives the same features
+for every image.
 
 ``hub:HANDLE_OR_PATH`` backbones (TF-Hub image feature vectors) are loaded
 with ``hub.load`` as frozen feature extractors: Keras 3 cannot train a
@@ -72,6 +77,11 @@ class FinetuneConfig(TrainConfig):
     def is_hub(self) -> bool:
         return self.arch.startswith(HUB_PREFIX)
 
+    @property
+    def pretrained(self) -> bool:
+        """Weights with BatchNorm statistics worth keeping (imagenet or a file), as opposed to none."""
+        return self.weights != "none"
+
 
 def validate_finetune(cfg: FinetuneConfig) -> None:
     validate(cfg)
@@ -112,7 +122,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int, image_size: tuple[int, in
             image_size,
             weights=None if weights == "none" else weights,
             dropout=cfg.dropout,
-            backbone_training=False,
+            backbone_training=False if cfg.pretrained else None,
         )
     except Exception as exc:  # noqa: BLE001 - download failures, wrong file: one line
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
@@ -134,14 +144,22 @@ def backbone_layers(model) -> list:
     return [layer for layer in net.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
-def freeze_backbone(model) -> None:
+def _is_batchnorm(layer) -> bool:
+    from cvtool.runtime import keras
+
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def freeze_backbone(model, cfg: FinetuneConfig) -> None:
+    """Freeze the backbone; without pretrained weights its BatchNormalization layers still train."""
     model.get_layer("backbone").trainable = False
+    if not cfg.pretrained:
+        for layer in backbone_layers(model):
+            layer.trainable = _is_batchnorm(layer)
 
 
 def unfreeze_top(model, cfg: FinetuneConfig) -> int:
-    """Unfreeze the top layers of the backbone (BatchNormalization stays frozen); returns how many layers."""
-    from cvtool.runtime import keras
-
+    """Unfreeze the top layers of the backbone (pretrained BatchNormalization stays frozen); returns how many."""
     layers = backbone_layers(model)
     n = cfg.unfreeze if cfg.unfreeze is not None else int(round(cfg.unfreeze_fraction * len(layers)))
     n = min(n, len(layers))
@@ -149,7 +167,7 @@ def unfreeze_top(model, cfg: FinetuneConfig) -> int:
     net.trainable = True
     for i, layer in enumerate(layers):
         top = i >= len(layers) - n
-        layer.trainable = top and not isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = not cfg.pretrained if _is_batchnorm(layer) else top
     return n
 
 
@@ -199,7 +217,7 @@ def _finetune_backbone(data, run: RunFolder, cfg: FinetuneConfig, state: dict | 
         else:
             with strategy.scope():
                 model = build_model(cfg, tdata.num_classes, tdata.image_size)
-            freeze_backbone(model)
+            freeze_backbone(model, cfg)
             trainer.compile(model, cfg.lr)
         phase_start = state.get("phase_start", 0) if state else 0
         if trainer.phase in (None, HEAD_PHASE) and trainer.epoch < cfg.head_epochs:
@@ -211,7 +229,8 @@ def _finetune_backbone(data, run: RunFolder, cfg: FinetuneConfig, state: dict | 
                 phase_start = trainer.epoch
                 unfrozen = unfreeze_top(model, cfg)
                 trainer.compile(model, cfg.fine_tune_lr or cfg.lr / 10)
-                info(f"fine-tuning the top {unfrozen} backbone layers (BatchNormalization stays frozen)", quiet)
+                bn = "stays frozen" if cfg.pretrained else "trains: no pretrained statistics"
+                info(f"fine-tuning the top {unfrozen} backbone layers (BatchNormalization {bn})", quiet)
             trainer.resume_point.info["phase_start"] = phase_start
             trainer.logger.epochs = phase_start + cfg.epochs
             trainer.fit(model, phase_start + cfg.epochs, phase=FINE_TUNE_PHASE)
