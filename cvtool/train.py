@@ -144,7 +144,11 @@ class RunFolder:
     def prepare(self) -> RunFolder:
         if self.staged:
             shutil.rmtree(self.path, ignore_errors=True)  # left by a killed run
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            where = f"{self.path} beside {self.target} to build the new run in" if self.staged else str(self.path)
+            raise UsageError(f"cannot create {where}: {exc.strerror or exc}") from None
         return self
 
     def publish(self) -> bool:
