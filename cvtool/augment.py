@@ -6,7 +6,10 @@ and is not part of the saved model, so predict never pays for it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+
+from cvtool.errors import UsageError
 
 
 @dataclass
@@ -19,7 +22,7 @@ class AugmentConfig:
     zoom: float = 0.0  # fraction, in and out
     shift: float = 0.0  # fraction of height/width
     shear: float = 0.0  # shear intensity, as keras.layers.RandomShear
-    crop: float = 0.0  # crop away up to this fraction of each side, resize back
+    crop: float = 0.0  # a window (1 - crop) of each side at a random place, resized back
     contrast: float = 0.0  # factor, as keras.layers.RandomContrast
     brightness: float = 0.0  # fraction of the 0-255 range
 
@@ -29,6 +32,33 @@ class AugmentConfig:
     @property
     def enabled(self) -> bool:
         return any(v for v in asdict(self).values())
+
+
+# (lowest, highest, highest allowed): what the Keras layers accept for one value v used as [-v, v]
+# (RandomZoom needs v < 1: a zoom factor of 1 - v must stay positive), and for crop a window
+# of at least half of each side, so small inputs never shrink to a few pixels.
+AUGMENT_RANGES: dict[str, tuple[float, float, bool]] = {
+    "rotation": (0.0, 0.5, True),  # half a turn each way covers every angle
+    "zoom": (0.0, 1.0, False),
+    "shift": (0.0, 1.0, True),
+    "shear": (0.0, 1.0, True),
+    "crop": (0.0, 0.5, True),
+    "contrast": (0.0, 1.0, True),
+    "brightness": (0.0, 1.0, True),
+}
+
+
+def validate_augment(cfg: AugmentConfig) -> None:
+    """Refuse values the transforms cannot use, naming the option and its range (before any decoding).
+
+    Example: ``validate_augment(AugmentConfig(zoom=5))`` raises ``UsageError("--zoom must be in [0, 1), got 5.0")``.
+    """
+    for name, (low, high, closed) in AUGMENT_RANGES.items():
+        value = float(getattr(cfg, name))
+        inside = math.isfinite(value) and low <= value and (value <= high if closed else value < high)
+        if not inside:
+            bracket = "]" if closed else ")"
+            raise UsageError(f"--{name} must be in [{low:g}, {high:g}{bracket}, got {value:g}")
 
 
 def build_augmenter(cfg: AugmentConfig, image_size: tuple[int, int], seed: int | None = None):

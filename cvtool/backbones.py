@@ -14,12 +14,13 @@ from cvtool.errors import UsageError
 
 @dataclass(frozen=True)
 class Backbone:
-    """A keras.applications network, its preprocessing mode and native input size."""
+    """A keras.applications network, its preprocessing mode, native input size and smallest input side."""
 
     name: str
     constructor: str  # attribute of keras.applications
     preprocess: str  # Preprocess mode
     size: int
+    min_size: int = 32  # keras.applications refuses smaller inputs ("Input size must be at least ...")
 
     def build(self, image_size: tuple[int, int], weights: str | None = None, include_top: bool = False, **kwargs):
         """The keras.applications model; networks with preprocess "none" normalise 0-255 pixels inside."""
@@ -43,14 +44,15 @@ BACKBONES: dict[str, Backbone] = {
         Backbone("efficientnetv2_b0", "EfficientNetV2B0", "none", 224),
         Backbone("resnet50", "ResNet50", "caffe", 224),
         Backbone("vgg16", "VGG16", "caffe", 224),
-        Backbone("inception_v3", "InceptionV3", "tf", 299),
-        Backbone("xception", "Xception", "tf", 299),
+        Backbone("inception_v3", "InceptionV3", "tf", 299, min_size=75),
+        Backbone("xception", "Xception", "tf", 299, min_size=71),
         Backbone("convnext_tiny", "ConvNeXtTiny", "none", 224),
     )
 }
 
 SCRATCH_ARCHS = ("small-cnn", "mobilenet_v2", "efficientnet_b0", "resnet50")
 SMALL_CNN_SIZE = 64
+MIN_IMAGE_SIZE = 8  # small-cnn's two 2x poolings still leave 2x2
 
 
 def get_backbone(name: str) -> Backbone:

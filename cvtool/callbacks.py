@@ -42,20 +42,20 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
 
     Moving averages lag behind fast-changing weights, and on small data sets
     (a few steps per epoch) they make validation accuracy sit at chance while
-    training accuracy climbs. Before validation runs, this averages the batch
-    statistics of up to ``max_batches`` un-augmented training batches under the
-    current weights. Frozen BN layers (trainable=False, e.g. a fine-tuned
-    backbone's) are left alone.
+    training accuracy climbs. This averages the batch statistics of up to
+    ``max_batches`` un-augmented training batches under the current weights.
+    Frozen BN layers (trainable=False, e.g. a fine-tuned backbone's) are left
+    alone. It must come first among the callbacks: :class:`ValidationScores`,
+    the checkpoints and the history all measure or save the recalibrated model.
     """
 
-    def __init__(self, dataset, steps_per_epoch: int, max_batches: int = 16):
+    def __init__(self, dataset, max_batches: int = 16):
         super().__init__()
-        self.dataset, self.steps, self.max_batches = dataset, steps_per_epoch, max_batches
+        self.dataset, self.max_batches = dataset, max_batches
         self._forward = None  # a compiled training-mode forward pass (eager calls cost several times more)
 
-    def on_train_batch_end(self, batch, logs=None):
-        if batch + 1 == self.steps:
-            self.recalibrate()
+    def on_epoch_end(self, epoch, logs=None):
+        self.recalibrate()
 
     def recalibrate(self) -> None:
         from keras import layers
@@ -89,6 +89,43 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
         finally:
             for layer, momentum in zip(bns, saved):
                 layer.momentum = momentum
+
+
+class ValidationScores(keras.callbacks.Callback):
+    """Adds ``val_loss`` and ``val_accuracy`` of the model as it ends the epoch to the epoch's logs.
+
+    Computed the way ``cvtool evaluate`` computes ``loss`` and ``accuracy`` (from the
+    probabilities, :func:`cvtool.metrics.mean_cross_entropy`), so checkpoint choice, early
+    stopping, ``history.csv`` and ``cvtool.json`` report what ``evaluate`` finds for the
+    saved model. (Keras' own validation takes the loss from the softmax's logits, with no
+    floor, and with the training's label smoothing: a different figure.) Comes after
+    :class:`RecalibrateBatchNorm` and before every callback that reads ``val_*``; both loops
+    use it. Usage: ``ValidationScores(val_set.images, val_set.labels, batch_size=32)``.
+    """
+
+    def __init__(self, images, labels, batch_size: int):
+        super().__init__()
+        self.images, self.labels, self.batch_size = images, np.asarray(labels), batch_size
+        self._forward = None  # a compiled inference-mode forward pass
+
+    def probabilities(self) -> np.ndarray:
+        if self._forward is None:
+            self._forward = tf.function(lambda x: self.model(x, training=False), reduce_retracing=True)
+        out = []
+        for start in range(0, len(self.labels), self.batch_size):
+            x = np.asarray(self.images[start : start + self.batch_size], dtype=np.float32)
+            out.append(np.asarray(self._forward(x), dtype=np.float32))
+        return np.concatenate(out)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or len(self.labels) == 0:
+            return
+        from cvtool.metrics import mean_cross_entropy
+
+        probs = self.probabilities()
+        truth = self.labels
+        logs["val_loss"] = mean_cross_entropy(probs[np.arange(len(truth)), truth])
+        logs["val_accuracy"] = float(np.mean(np.argmax(probs, axis=1) == truth))
 
 
 class MonitorTracker:

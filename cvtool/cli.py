@@ -201,13 +201,18 @@ ValSplit = Annotated[float, typer.Option(help="Fraction held out per class when 
 LabelSmoothing = Annotated[float, typer.Option(help="Label smoothing (0.1 is usual).")]
 Hflip = Annotated[bool, typer.Option("--hflip/--no-hflip", help="Random horizontal flips.")]
 Vflip = Annotated[bool, typer.Option("--vflip/--no-vflip", help="Random vertical flips.")]
-Rotation = Annotated[float, typer.Option(help="Random rotation, fraction of a full turn (0.05 = 18 degrees).")]
-Zoom = Annotated[float, typer.Option(help="Random zoom in/out, fraction.")]
-Shift = Annotated[float, typer.Option(help="Random shift, fraction of height/width.")]
-Shear = Annotated[float, typer.Option(help="Random shear intensity.")]
-Crop = Annotated[float, typer.Option(help="Random crop of up to this fraction of each side, resized back.")]
-Contrast = Annotated[float, typer.Option(help="Random contrast factor.")]
-Brightness = Annotated[float, typer.Option(help="Random brightness, fraction of the pixel range.")]
+Rotation = Annotated[
+    float, typer.Option(help="Random rotation, fraction of a full turn (0.05 = 18 degrees); 0 to 0.5.")
+]
+Zoom = Annotated[float, typer.Option(help="Random zoom in/out, fraction; 0 to under 1.")]
+Shift = Annotated[float, typer.Option(help="Random shift, fraction of height/width; 0 to 1.")]
+Shear = Annotated[float, typer.Option(help="Random shear intensity; 0 to 1.")]
+Crop = Annotated[
+    float,
+    typer.Option(help="Random crop: a window of (1 - CROP) of each side at a random place, resized back; 0 to 0.5."),
+]
+Contrast = Annotated[float, typer.Option(help="Random contrast factor; 0 to 1.")]
+Brightness = Annotated[float, typer.Option(help="Random brightness, fraction of the pixel range; 0 to 1.")]
 Checkpoint = Annotated[
     str,
     typer.Option(
@@ -230,6 +235,13 @@ Loop = Annotated[
 Deterministic = Annotated[bool, typer.Option("--deterministic", help="Turn on TensorFlow op determinism (slower).")]
 MixedPrecision = Annotated[
     str, typer.Option(help="auto (on for GPUs with compute capability >= 7.0), on or off (mixed_float16).")
+]
+Layout = Annotated[
+    str,
+    typer.Option(
+        help="How DATA's folders are read: auto, classes (every sub-folder is a class) or splits "
+        "(train/, validation/ or val/, test/ holding class folders; other folders ignored).",
+    ),
 ]
 TrainResume = Annotated[
     bool,
@@ -281,6 +293,7 @@ def train(
     loop: Loop = "fit",
     deterministic: Deterministic = False,
     mixed_precision: MixedPrecision = "auto",
+    layout: Layout = "auto",
     resume: TrainResume = False,
     members: Annotated[
         int, typer.Option(min=1, help="Train K models (seeds SEED..SEED+K-1) into RUN/member-1..K as an ensemble.")
@@ -296,7 +309,7 @@ def train(
     augment = _augment(hflip, vflip, rotation, zoom, shift, shear, crop, contrast, brightness)
     cfg = TrainConfig(
         arch, epochs or 10, image_size, batch_size, lr, optimizer, seed, val_split, label_smoothing, augment,
-        checkpoint, monitor, patience, min_delta, class_weight, loop, deterministic, mixed_precision,
+        checkpoint, monitor, patience, min_delta, class_weight, loop, deterministic, mixed_precision, layout,
     )  # fmt: skip
     if resume:  # the stored config is used; only --epochs can change
         cfg = None if epochs is None else TrainConfig(epochs=epochs)
@@ -382,6 +395,7 @@ def evaluate(
     split: Annotated[
         str, typer.Option(help="auto (test/, else validation/, else all), test, validation, train or all.")
     ] = "auto",
+    layout: Layout = "auto",
     rank: Annotated[str, typer.Option(help="Comma list of N for rank-N (top-N) accuracy.")] = "1,3,5",
     top_k: TopK = 3,
     batch_size: BatchSize = 32,
@@ -435,6 +449,7 @@ def evaluate(
         rule=rule if len(models) > 1 or rule != "mean" else None,
         rule_weights=parse_weights(rule_weights),
         delimiter=delimiter,
+        layout=layout,
     )
     _report(result.processed, result.failed, result.out_dir / "metrics.json", result.out_dir / "errors.csv", quiet)
     return result.exit_code
@@ -685,6 +700,7 @@ def finetune(
     loop: Loop = "fit",
     deterministic: Deterministic = False,
     mixed_precision: MixedPrecision = "auto",
+    layout: Layout = "auto",
     resume: TrainResume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -702,6 +718,7 @@ def finetune(
         monitor=monitor, patience=patience, min_delta=min_delta, class_weight=class_weight, loop=loop,
         deterministic=deterministic, mixed_precision=mixed_precision, head_epochs=head_epochs, weights=weights,
         dropout=dropout, unfreeze=unfreeze, unfreeze_fraction=unfreeze_fraction, fine_tune_lr=fine_tune_lr,
+        layout=layout,
     )  # fmt: skip
     if resume:  # the stored config is used; only --epochs can change
         cfg = None if epochs is None else FinetuneConfig(epochs=epochs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +19,11 @@ import numpy as np
 
 from cvtool.batches import Failure, decode_stream
 from cvtool.errors import UnusableError, UsageError, env_int
-from cvtool.images import InputItem, list_images, load_image
+from cvtool.images import InputItem, is_image_name, list_images, load_image
 from cvtool.progress import Progress
 
 SPLIT_NAMES = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+LAYOUTS = ("auto", "classes", "splits")
 DEFAULT_CACHE_LIMIT = 6 * 1024**3  # decoded bytes held in memory before caching on disk
 
 
@@ -48,71 +50,150 @@ class Splits:
     layout: str  # "splits" (train/validation/test folders) or "classes"
 
 
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _subdirs(folder: Path, exclude: Path | None = None) -> list[Path]:
+    """Visible sub-folders, sorted, without ``exclude`` (a command's own output folder)."""
+    skip = Path(exclude).resolve() if exclude is not None else None
+    visible = (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in visible if skip is None or p.resolve() != skip)
 
 
-def split_dirs(root: Path) -> dict[str, Path]:
-    found = {}
-    for d in _subdirs(root):
+def class_name(folder_name: str) -> str:
+    """The class a folder names, in Unicode NFC: folders made on macOS (NFD) name the same classes."""
+    return unicodedata.normalize("NFC", folder_name)
+
+
+def _looks_like_a_class(folder: Path) -> bool:
+    """Image files right inside and no sub-folders: a class folder, whatever its name (CIFAR-100's ``train``)."""
+    has_images = False
+    for entry in os.scandir(folder):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            return False
+        has_images = has_images or is_image_name(entry.name)
+    return has_images
+
+
+def split_dirs(root: Path, layout: str = "auto", exclude: Path | None = None) -> dict[str, Path]:
+    """The split folders of ``root`` by split name (train, validation, test); ``{}`` for the classes layout.
+
+    ``layout`` "auto" reads the top-level folders: folders named train/, validation/ (or val/)
+    and test/ are splits when they hold class folders. A split-named folder that holds images
+    itself is a class (CIFAR-100 has a ``train`` class). Split folders beside other folders are
+    ambiguous and refused: "splits" then reads the split folders only, "classes" every folder.
+    """
+    if layout not in LAYOUTS:
+        raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "classes":
+        return {}
+    found, others = {}, []
+    for d in _subdirs(root, exclude):
         split = SPLIT_NAMES.get(d.name.lower())
-        if split is not None:
-            if split in found:
-                raise UsageError(f"{root} has both {found[split].name}/ and {d.name}/; keep one")
-            found[split] = d
+        if split is None:
+            others.append(d)
+            continue
+        if split in found:
+            raise UsageError(f"{root} has both {found[split].name}/ and {d.name}/; keep one")
+        found[split] = d
+    if layout == "splits":
+        if not found:
+            raise UsageError(f"--layout splits: {root} has no train/, validation/, val/ or test/ folder")
+        return found
+    if not found or all(_looks_like_a_class(d) for d in found.values()):
+        return {}
+    if others:
+        names = ", ".join(f"{d.name}/" for d in found.values())
+        other_names = ", ".join(f"{d.name}/" for d in others[:5]) + (", ..." if len(others) > 5 else "")
+        raise UsageError(
+            f"{root} has split folders ({names}) beside other folders ({other_names}); pass --layout splits to "
+            "read the split folders only, or --layout classes to read every folder as a class"
+        )
     return found
 
 
 def read_class_folders(
-    folder: Path, class_names: list[str] | None = None, exclude: Path | None = None
+    folder: Path,
+    class_names: list[str] | None = None,
+    exclude: Path | None = None,
+    reference: str | None = None,
 ) -> tuple[list[str], LabelledSet]:
     """Read ``folder/<class>/**/image`` files. With ``class_names`` given, folders must be among them.
 
+    Class names are compared in Unicode NFC (:func:`class_name`); paths keep the folders' own names.
     ``exclude``: a folder to leave out (the command's own output folder, when it is inside ``folder``).
+    ``reference``: what ``class_names`` come from when it is not a model (the training split), for messages.
     """
-    skip = exclude.resolve() if exclude is not None else None
-    class_dirs = {d.name: d for d in _subdirs(folder) if d.resolve() != skip}
-    per_class = {name: list_images(d, exclude) for name, d in class_dirs.items()}
-    per_class = {name: items for name, items in per_class.items() if items}
+    per_class: dict[str, list[InputItem]] = {}
+    for d in _subdirs(folder, exclude):
+        items = [InputItem(item.path, f"{d.name}/{item.rel}") for item in list_images(d, exclude)]
+        if items:
+            per_class.setdefault(class_name(d.name), []).extend(items)
     if class_names is None:
         class_names = sorted(per_class)
     else:
-        unknown = sorted(set(per_class) - set(class_names))
+        wanted = [class_name(name) for name in class_names]
+        unknown = sorted(set(per_class) - set(wanted))
         if unknown:
             known = ", ".join(class_names[:20]) + (f", ... ({len(class_names)})" if len(class_names) > 20 else "")
+            if reference is not None:
+                raise UnusableError(
+                    f"{folder} has classes that {reference} does not have: {', '.join(unknown)} "
+                    f"(it has: {known}); every class needs training images"
+                )
             raise UnusableError(f"{folder} has classes the model does not know: {', '.join(unknown)} (known: {known})")
-        shared = sorted(name for name in per_class if class_names.count(name) > 1)
+        shared = sorted(name for name in per_class if wanted.count(name) > 1)
         if shared:
             raise UnusableError(f"{folder}: the model has several classes named {', '.join(shared)}; use class ids")
+        per_class = {class_names[wanted.index(name)]: items for name, items in per_class.items()}
     out = LabelledSet()
     for label, name in enumerate(class_names):
         for item in per_class.get(name, []):
-            rel = f"{name}/{item.rel}"
-            out.items.append(InputItem(item.path, rel))
+            out.items.append(item)
             out.labels.append(label)
     return class_names, out
 
 
-def discover(root: str | os.PathLike, val_split: float = 0.2, seed: int = 0) -> Splits:
+def discover(
+    root: str | os.PathLike,
+    val_split: float = 0.2,
+    seed: int = 0,
+    *,
+    layout: str = "auto",
+    exclude: str | os.PathLike | None = None,
+) -> Splits:
     """Find classes and splits in a labelled folder.
 
     Without a validation folder, a stratified ``val_split`` fraction of each
-    class is held out (seeded; 0 trains on everything).
+    class is held out (seeded; 0 trains on everything). ``layout`` is
+    :func:`split_dirs`'s; ``exclude`` a folder inside ``root`` never read as
+    data (the run being written).
+
+    Example: ``discover("photos/", 0.2, layout="classes", exclude="photos/run")``.
     """
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"data folder not found: {root}")
     if not 0.0 <= val_split < 1.0:
         raise UsageError(f"--val-split must be in [0, 1), got {val_split}")
-    splits = split_dirs(root)
-    if "train" in splits:
-        class_names, train = read_class_folders(splits["train"])
-        _check_classes(class_names, splits["train"])
-        validation = read_class_folders(splits["validation"], class_names)[1] if "validation" in splits else None
-        test = read_class_folders(splits["test"], class_names)[1] if "test" in splits else LabelledSet()
+    exclude = Path(exclude) if exclude is not None else None
+    splits = split_dirs(root, layout, exclude)
+    if splits:
+        if "train" not in splits:
+            found = ", ".join(f"{d.name}/" for d in splits.values())
+            raise UsageError(f"{root} has {found} but no train/ folder to train on")
+        train_dir = splits["train"]
+        class_names, train = read_class_folders(train_dir, exclude=exclude)
+        _check_classes(class_names, train_dir)
+
+        def other(split: str) -> LabelledSet | None:
+            if split not in splits:
+                return None
+            return read_class_folders(splits[split], class_names, exclude, reference=f"{train_dir.name}/")[1]
+
+        validation, test = other("validation"), other("test") or LabelledSet()
         layout = "splits"
     else:
-        class_names, train = read_class_folders(root)
+        class_names, train = read_class_folders(root, exclude=exclude)
         _check_classes(class_names, root)
         validation, test, layout = None, LabelledSet(), "classes"
     if validation is None:
@@ -184,6 +265,30 @@ def decode_set(
             kept_items.append(item)
             kept += 1
     return DecodedSet(images[:kept], labels[:kept], kept_items, failures)
+
+
+def drop_classes_without_images(
+    class_names: list[str], train: DecodedSet, *others: DecodedSet
+) -> tuple[list[str], list[str], list[DecodedSet]]:
+    """(kept class names, dropped ones, [train, *others] relabelled) without the classes ``train`` has no image of.
+
+    A class whose training files were all unreadable cannot be learnt: it is left out of
+    every set (its validation images too) and the labels are renumbered in class order.
+    """
+    present = np.zeros(len(class_names), bool)
+    present[np.unique(train.labels)] = True
+    if present.all():
+        return list(class_names), [], [train, *others]
+    new_label = np.cumsum(present) - 1
+    kept = [name for name, p in zip(class_names, present) if p]
+    dropped = [name for name, p in zip(class_names, present) if not p]
+
+    def relabel(s: DecodedSet) -> DecodedSet:
+        keep = present[s.labels]
+        items = [item for item, k in zip(s.items, keep) if k]
+        return DecodedSet(s.images[keep], new_label[s.labels[keep]].astype(np.int32), items, s.failures)
+
+    return kept, dropped, [relabel(s) for s in (train, *others)]
 
 
 def training_dataset(

@@ -17,7 +17,7 @@ import numpy as np
 from cvtool.batches import Failure
 from cvtool.bundle import Classifier
 from cvtool.combine import check_weights
-from cvtool.data import LabelledSet, read_class_folders, split_dirs
+from cvtool.data import LAYOUTS, LabelledSet, read_class_folders, split_dirs
 from cvtool.ensemble import ensemble_scorer
 from cvtool.errors import UnusableError, UsageError
 from cvtool.fonts import text_fonts
@@ -49,15 +49,21 @@ class EvalResult:
 
 
 def labelled_from_folder(
-    data: Path, class_names: list[str], split: str, wnids: list[str] | None = None, exclude: Path | None = None
+    data: Path,
+    class_names: list[str],
+    split: str,
+    wnids: list[str] | None = None,
+    exclude: Path | None = None,
+    layout: str = "auto",
 ) -> tuple[LabelledSet, str]:
     """The split to evaluate: ``auto`` takes test/, else validation/, else the whole folder.
 
     Class folders are named by class name or, for a model with WordNet ids
     (``imagenet:NAME``), by WordNet id as in ImageNet's own layout (``n01440764/``).
     ``exclude`` (evaluate's own output folder, when inside DATA) is never read as data.
+    ``layout`` (auto, classes, splits) is :func:`cvtool.data.split_dirs`'s.
     """
-    splits = split_dirs(data)
+    splits = split_dirs(data, layout, exclude)
     if split == "auto":
         chosen = splits.get("test") or splits.get("validation")
         if chosen is None and "train" in splits:
@@ -294,6 +300,7 @@ def evaluate(
     rule: str | None = None,
     rule_weights: Sequence[float] | None = None,
     delimiter: str | None = None,
+    layout: str = "auto",
 ) -> EvalResult:
     """Evaluate a model on a labelled folder (or a flat folder plus a labels CSV); write reports to ``out_dir``.
 
@@ -301,6 +308,7 @@ def evaluate(
     weighted rule); with them or with ``tta``, ``metrics.json`` also compares each member alone, the
     combination and the TTA gain side by side. ``weights`` is a local weights file for an
     ``imagenet:NAME`` model. ``delimiter`` is the labels CSV's field delimiter (default: detected).
+    ``layout`` says how DATA's folders are read (auto, classes, splits).
     An evaluation in which no image could be scored is refused (:class:`UnusableError`, exit 3)
     rather than reported as accuracy 0; its ``errors.csv`` says why.
     """
@@ -309,6 +317,8 @@ def evaluate(
         raise UsageError(f"data folder not found: {data}")
     if labels is not None and not Path(labels).is_file():
         raise UsageError(f"labels file not found: {labels}")
+    if layout not in LAYOUTS:
+        raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if any(k < 1 for k in ranks):
         raise UsageError("--rank values must be at least 1")
     if tta is not None and "identity" not in tta.transforms:
@@ -327,7 +337,7 @@ def evaluate(
         )
         source = str(labels)
     else:
-        (labelled, source), failures = labelled_from_folder(data, names, split, wnids, out_dir), []
+        (labelled, source), failures = labelled_from_folder(data, names, split, wnids, out_dir, layout), []
     if len(labelled) == 0 and not failures:
         raise UsageError(f"no labelled images found in {source}")
     if len(labelled) == 0:

@@ -6,10 +6,15 @@ dropout, dense softmax) is trained for ``head_epochs`` at ``lr``. Phase
 ``unfreeze_fraction`` of them) are unfrozen and everything trainable is
 trained for ``epochs`` more at ``fine_tune_lr`` (default lr / 10).
 
-The backbone is called with ``training=False`` and its BatchNormalization
-layers stay frozen in both phases: their ImageNet statistics are kept, the
-known fine-tuning pitfall (batch statistics of a small data set wrecking
-them) is avoided, and frozen layers stay bit-identical to the loaded weights.
+With pretrained weights the backbone is called with ``training=False`` and
+its BatchNormalization layers stay frozen in both phases: their ImageNet
+statistics are kept, the known fine-tuning pitfall (batch statistics of a
+small data set wrecking them) is avoided, and frozen layers stay
+bit-identical to the loaded weights. With ``weights="none"`` there are no
+statistics to keep: BatchNormalization trains in both phases (batch
+statistics in training, moving averages re-estimated every epoch), since a
+random backbone normalised by its initial statistics gives the same features
+for every image.
 
 ``hub:HANDLE_OR_PATH`` backbones (TF-Hub image feature vectors) are loaded
 with ``hub.load`` as frozen feature extractors: Keras 3 cannot train a
@@ -34,6 +39,7 @@ from cvtool.errors import UnusableError, UsageError
 from cvtool.locks import holds_output_lock
 from cvtool.progress import info
 from cvtool.train import (
+    RunFolder,
     TrainConfig,
     Trainer,
     TrainingData,
@@ -71,6 +77,11 @@ class FinetuneConfig(TrainConfig):
     @property
     def is_hub(self) -> bool:
         return self.arch.startswith(HUB_PREFIX)
+
+    @property
+    def pretrained(self) -> bool:
+        """Weights with BatchNorm statistics worth keeping (imagenet or a file), as opposed to none."""
+        return self.weights != "none"
 
 
 def validate_finetune(cfg: FinetuneConfig) -> None:
@@ -112,7 +123,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int, image_size: tuple[int, in
             image_size,
             weights=None if weights == "none" else weights,
             dropout=cfg.dropout,
-            backbone_training=False,
+            backbone_training=False if cfg.pretrained else None,
         )
     except Exception as exc:  # noqa: BLE001 - download failures, wrong file: one line
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
@@ -134,14 +145,22 @@ def backbone_layers(model) -> list:
     return [layer for layer in net.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
-def freeze_backbone(model) -> None:
+def _is_batchnorm(layer) -> bool:
+    from cvtool.runtime import keras
+
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def freeze_backbone(model, cfg: FinetuneConfig) -> None:
+    """Freeze the backbone; without pretrained weights its BatchNormalization layers still train."""
     model.get_layer("backbone").trainable = False
+    if not cfg.pretrained:
+        for layer in backbone_layers(model):
+            layer.trainable = _is_batchnorm(layer)
 
 
 def unfreeze_top(model, cfg: FinetuneConfig) -> int:
-    """Unfreeze the top layers of the backbone (BatchNormalization stays frozen); returns how many layers."""
-    from cvtool.runtime import keras
-
+    """Unfreeze the top layers of the backbone (pretrained BatchNormalization stays frozen); returns how many."""
     layers = backbone_layers(model)
     n = cfg.unfreeze if cfg.unfreeze is not None else int(round(cfg.unfreeze_fraction * len(layers)))
     n = min(n, len(layers))
@@ -149,7 +168,7 @@ def unfreeze_top(model, cfg: FinetuneConfig) -> int:
     net.trainable = True
     for i, layer in enumerate(layers):
         top = i >= len(layers) - n
-        layer.trainable = top and not isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = not cfg.pretrained if _is_batchnorm(layer) else top
     return n
 
 
@@ -167,16 +186,22 @@ def finetune(
     ``resume`` continues the run in ``out`` with its stored config; ``cfg`` (optional)
     only sets the fine-tune phase's epochs.
     """
-    from cvtool.devices import distribution_strategy, seed_everything, strategy_name
+    from cvtool.devices import seed_everything
 
-    run_dir, cfg, state = open_run(out, cfg, FinetuneConfig, "finetune", overwrite, resume)
-    validate_finetune(cfg)
-    total = cfg.head_epochs + (0 if cfg.is_hub else cfg.epochs)
-    if state is not None and state["epoch"] >= total and state.get("phase") != HEAD_PHASE:
-        raise UsageError(f"{run_dir} already ran {state['epoch']} epochs; pass a larger --epochs to continue")
-    seed_everything(cfg.seed + (state["epoch"] if state else 0), cfg.deterministic)
-    if cfg.is_hub:
-        return _finetune_hub(data, run_dir, cfg, state, quiet)
+    run, cfg, state = open_run(out, cfg, FinetuneConfig, "finetune", overwrite, resume, check=validate_finetune)
+    with run:
+        total = cfg.head_epochs + (0 if cfg.is_hub else cfg.epochs)
+        if state is not None and state["epoch"] >= total and state.get("phase") != HEAD_PHASE:
+            raise UsageError(f"{run.target} already ran {state['epoch']} epochs; pass a larger --epochs to continue")
+        seed_everything(cfg.seed + (state["epoch"] if state else 0), cfg.deterministic)
+        if cfg.is_hub:
+            return _finetune_hub(data, run, cfg, state, quiet)
+        return _finetune_backbone(data, run, cfg, state, quiet, total)
+
+
+def _finetune_backbone(data, run: RunFolder, cfg: FinetuneConfig, state: dict | None, quiet: bool, total: int):
+    """The two phases on a keras.applications backbone."""
+    from cvtool.devices import distribution_strategy, strategy_name
     from cvtool.models import get_backbone
 
     backbone = get_backbone(cfg.arch)
@@ -184,17 +209,17 @@ def finetune(
     with precision_scope(cfg.mixed_precision) as mixed:
         strategy = distribution_strategy()
         info(f"fine-tuning {cfg.arch} (weights {cfg.weights}, {strategy_name(strategy)})", quiet)
-        tdata = load_data(data, cfg, run_dir, side, quiet)
-        trainer = Trainer(run_dir, cfg, tdata, "finetune", quiet, strategy)
+        tdata = load_data(data, cfg, run.path, side, quiet, exclude=run.target)
+        trainer = Trainer(run, cfg, tdata, "finetune", quiet, strategy)
         trainer.logger.epochs = total
         if state is not None:
             trainer.restore(state)
             model = trainer.load_resume_model(state)
-            info(f"resuming {run_dir} after epoch {trainer.epoch} ({trainer.phase} phase)", quiet)
+            info(f"resuming {run.target} after epoch {trainer.epoch} ({trainer.phase} phase)", quiet)
         else:
             with strategy.scope():
                 model = build_model(cfg, tdata.num_classes, tdata.image_size)
-            freeze_backbone(model)
+            freeze_backbone(model, cfg)
             trainer.compile(model, cfg.lr)
         phase_start = state.get("phase_start", 0) if state else 0
         if trainer.phase in (None, HEAD_PHASE) and trainer.epoch < cfg.head_epochs:
@@ -206,10 +231,12 @@ def finetune(
                 phase_start = trainer.epoch
                 unfrozen = unfreeze_top(model, cfg)
                 trainer.compile(model, cfg.fine_tune_lr or cfg.lr / 10)
-                info(f"fine-tuning the top {unfrozen} backbone layers (BatchNormalization stays frozen)", quiet)
+                bn = "stays frozen" if cfg.pretrained else "trains: no pretrained statistics"
+                info(f"fine-tuning the top {unfrozen} backbone layers (BatchNormalization {bn})", quiet)
             trainer.resume_point.info["phase_start"] = phase_start
             trainer.logger.epochs = phase_start + cfg.epochs
             trainer.fit(model, phase_start + cfg.epochs, phase=FINE_TUNE_PHASE)
+        trainer.publish()
         extra = {
             "arch": cfg.arch,
             "backbone": cfg.arch,
@@ -219,10 +246,10 @@ def finetune(
         write_run_meta(trainer, data, extra, mixed)
     metrics = trainer.metrics()
     info(f"best epoch {metrics['best_epoch']}: " + format_logs(trainer.saver.best_logs), quiet)
-    return TrainResult(run_dir, metrics, tdata.failures, model)
+    return TrainResult(run.target, metrics, tdata.failures, model)
 
 
-def _finetune_hub(data, run_dir: Path, cfg: FinetuneConfig, state: dict | None, quiet: bool) -> TrainResult:
+def _finetune_hub(data, run: RunFolder, cfg: FinetuneConfig, state: dict | None, quiet: bool) -> TrainResult:
     """Head on frozen hub features; the SavedModel is copied into the run directory."""
     from cvtool.bundle import HUB_DIR, hub_features, load_hub_model
     from cvtool.data import DecodedSet
@@ -235,7 +262,7 @@ def _finetune_hub(data, run_dir: Path, cfg: FinetuneConfig, state: dict | None, 
     with precision_scope("off") as mixed:
         strategy = distribution_strategy()
         info(f"hub feature extractor {handle} (frozen: only the head is trained, no augmentation)", quiet)
-        tdata = load_data(data, cfg, run_dir, side, quiet)
+        tdata = load_data(data, cfg, run.path, side, quiet, exclude=run.target)
         feats = [
             DecodedSet(hub_features(extractor, s.images, cfg.batch_size), s.labels, s.items, s.failures)
             for s in (tdata.train_set, tdata.val_set)
@@ -244,7 +271,7 @@ def _finetune_hub(data, run_dir: Path, cfg: FinetuneConfig, state: dict | None, 
         if not tdata.has_val:
             feats[1] = DecodedSet(np.zeros((0, dim), np.float32), feats[1].labels, [], [])
         fdata = TrainingData(tdata.splits, feats[0], feats[1], tdata.image_size, tdata.failures, tdata.class_weights)
-        trainer = Trainer(run_dir, cfg, fdata, "finetune", quiet, strategy)
+        trainer = Trainer(run, cfg, fdata, "finetune", quiet, strategy)
         trainer.logger.epochs = cfg.head_epochs
         if state is not None:
             trainer.restore(state)
@@ -257,7 +284,8 @@ def _finetune_hub(data, run_dir: Path, cfg: FinetuneConfig, state: dict | None, 
                 model = keras.Model(inputs, outputs, name="hub_head")
             trainer.compile(model, cfg.lr)
         trainer.fit(model, cfg.head_epochs, phase=HEAD_PHASE, augment=False)
-        _copy_hub_model(handle, run_dir / HUB_DIR)
+        trainer.publish()
+        _copy_hub_model(handle, trainer.run_dir / HUB_DIR)
         extra = {
             "arch": cfg.arch,
             "backbone": cfg.arch,
@@ -268,7 +296,7 @@ def _finetune_hub(data, run_dir: Path, cfg: FinetuneConfig, state: dict | None, 
         write_run_meta(trainer, data, extra, mixed, preprocessing="pixels / 255, then the hub model")
     metrics = trainer.metrics()
     info(f"best epoch {metrics['best_epoch']}: " + format_logs(trainer.saver.best_logs), quiet)
-    return TrainResult(run_dir, metrics, tdata.failures, model)
+    return TrainResult(run.target, metrics, tdata.failures, model)
 
 
 def _copy_hub_model(handle: str, dest: Path) -> None:

@@ -1,11 +1,11 @@
 """`--loop custom`: the training loop written out with tf.GradientTape.
 
 Does what ``model.fit`` does for cvtool (one ``tf.function``-compiled step per
-batch, validation after each epoch, logs named ``loss``, ``accuracy``,
-``val_loss``, ``val_accuracy``) and drives the very same Keras callback
-objects, so checkpoints, early stopping, history, TensorBoard and precise BN
-behave identically in both loops. Works under a ``tf.distribute`` strategy
-and with a mixed-precision loss-scale optimizer.
+batch, logs named ``loss`` and ``accuracy``) and drives the very same Keras
+callback objects, so precise BN, validation (``val_loss``, ``val_accuracy``:
+:class:`cvtool.callbacks.ValidationScores`), checkpoints, early stopping,
+history and TensorBoard behave identically in both loops. Works under a
+``tf.distribute`` strategy and with a mixed-precision loss-scale optimizer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from cvtool.runtime import keras, tf
 def custom_fit(
     model,
     train_ds,
-    val_ds,
     epochs: int,
     initial_epoch: int,
     callbacks: list,
@@ -30,8 +29,7 @@ def custom_fit(
     cbs = keras.callbacks.CallbackList(callbacks, model=model)
     cbs.set_params({"epochs": epochs, "steps": steps_per_epoch, "verbose": 0})
     with strategy.scope():
-        loss_mean, val_loss_mean = keras.metrics.Mean(), keras.metrics.Mean()
-        accuracy, val_accuracy = keras.metrics.CategoricalAccuracy(), keras.metrics.CategoricalAccuracy()
+        loss_mean, accuracy = keras.metrics.Mean(), keras.metrics.CategoricalAccuracy()
 
     def per_example_loss(y, probs):
         return keras.losses.categorical_crossentropy(y, tf.cast(probs, tf.float32), label_smoothing=label_smoothing)
@@ -55,28 +53,15 @@ def custom_fit(
         loss_mean.update_state(tf.reduce_mean(losses * w), sample_weight=tf.shape(y)[0])
         accuracy.update_state(y, probs)
 
-    def test_replica(batch):
-        x, y, w = unpack(batch)
-        probs = model(x, training=False)
-        val_loss_mean.update_state(tf.reduce_mean(per_example_loss(y, probs) * w), sample_weight=tf.shape(y)[0])
-        val_accuracy.update_state(y, probs)
-
     @tf.function
     def train_step(batch):
         strategy.run(train_replica, args=(batch,))
-
-    @tf.function
-    def test_step(batch):
-        strategy.run(test_replica, args=(batch,))
 
     if not optimizer.built:
         with strategy.scope():
             optimizer.build(model.trainable_variables)
     distribute = strategy.num_replicas_in_sync > 1
     train_data = strategy.experimental_distribute_dataset(train_ds) if distribute else train_ds
-    val_data = None
-    if val_ds is not None:
-        val_data = strategy.experimental_distribute_dataset(val_ds) if distribute else val_ds
 
     model.stop_training = False
     cbs.on_train_begin()
@@ -90,16 +75,7 @@ def custom_fit(
             train_step(batch)
             cbs.on_train_batch_end(step, {"loss": float(loss_mean.result())})
         logs = {"loss": float(loss_mean.result()), "accuracy": float(accuracy.result())}
-        if val_data is not None:
-            for metric in (val_loss_mean, val_accuracy):
-                metric.reset_state()
-            cbs.on_test_begin()
-            for batch in val_data:
-                test_step(batch)
-            val_logs = {"loss": float(val_loss_mean.result()), "accuracy": float(val_accuracy.result())}
-            cbs.on_test_end(val_logs)
-            logs.update({f"val_{k}": v for k, v in val_logs.items()})
-        cbs.on_epoch_end(epoch, logs)
+        cbs.on_epoch_end(epoch, logs)  # ValidationScores adds val_loss and val_accuracy
         if model.stop_training:
             break
     cbs.on_train_end(logs)

@@ -61,16 +61,28 @@ def per_class_report(cm: np.ndarray, class_names: Sequence[str]) -> dict:
     }
 
 
+PROBABILITY_FLOOR = 1e-7  # Keras' epsilon: a probability of 0 costs -log(1e-7) = 16.1, not infinity
+
+
+def mean_cross_entropy(p_true) -> float:
+    """Mean of -log(probability given to the true class), floored at :data:`PROBABILITY_FLOOR`.
+
+    ``evaluate``'s loss and training's ``val_loss``: one formula, so both report the same
+    figure for one model on one set of images. Example: ``mean_cross_entropy([0.5, 1.0])`` is 0.3466.
+    """
+    p = np.clip(np.asarray(p_true, float), PROBABILITY_FLOOR, 1.0)
+    return float(-np.mean(np.log(p))) if p.size else 0.0
+
+
 def summarise(y_true, y_pred, true_rank, p_true, class_names: Sequence[str], ranks: Sequence[int]) -> dict:
     """All metrics for one model over one data set, as written to metrics.json."""
     y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
     n = len(y_true)
     cm = confusion_matrix(y_true, y_pred, len(class_names))
-    p_true = np.clip(np.asarray(p_true, float), 1e-7, 1.0)
     return {
         "samples": int(n),
         "accuracy": float(np.mean(y_true == y_pred)) if n else 0.0,
-        "loss": float(-np.mean(np.log(p_true))) if n else 0.0,
+        "loss": mean_cross_entropy(p_true),
         "top_k_accuracy": {str(k): rank_accuracy(true_rank, k) for k in ranks if k <= len(class_names)},
         **per_class_report(cm, class_names),
     }, cm

@@ -7,6 +7,7 @@ one set of callbacks, one way of writing and resuming a run directory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from dataclasses import asdict, dataclass, field, fields
@@ -15,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
-from cvtool.augment import AugmentConfig, build_augmenter
+from cvtool.augment import AugmentConfig, build_augmenter, validate_augment
 from cvtool.batches import Failure
-from cvtool.bundle import META_FILE, MODEL_FILE, write_meta
+from cvtool.bundle import HUB_DIR, META_FILE, MODEL_FILE, write_meta
 from cvtool.callbacks import (  # noqa: F401 - re-exported: the callbacks used to live here
     CHECKPOINT_DIR,
     CHECKPOINT_POLICIES,
@@ -32,14 +33,17 @@ from cvtool.callbacks import (  # noqa: F401 - re-exported: the callbacks used t
     MonitorTracker,
     RecalibrateBatchNorm,
     ResumePoint,
+    ValidationScores,
     format_logs,
     read_resume_point,
     tensorboard,
 )
+from cvtool.data import LAYOUTS
 from cvtool.errors import UnusableError, UsageError
 from cvtool.locks import holds_output_lock
 from cvtool.outputs import path_cell, write_csv
 from cvtool.progress import info, warn
+from cvtool.runtime import keras
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 LOOPS = ("fit", "custom")
@@ -69,6 +73,7 @@ class TrainConfig:
     loop: str = "fit"  # fit | custom
     deterministic: bool = False
     mixed_precision: str = "auto"  # auto | on | off
+    layout: str = "auto"  # how DATA's folders are read: auto | classes | splits (cvtool.data.split_dirs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,32 +115,93 @@ def make_loss(label_smoothing: float = 0.0):
     return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
 
 
-def prepare_run_dir(out: str | Path, overwrite: bool) -> Path:
+# What a run directory holds (cvtool's own files): replaced together by --overwrite; anything else is kept.
+RUN_ENTRIES = (MODEL_FILE, META_FILE, HISTORY_FILE, "history.png", ERRORS_FILE, CHECKPOINT_DIR, LOG_DIR, HUB_DIR)
+
+
+class RunFolder:
+    """Where a run is written: ``target`` itself, or beside it while it replaces a run there.
+
+    ``--overwrite`` builds the new run aside, in a hidden sibling folder, and
+    :meth:`publish` moves it into ``target`` once it has saved its first epoch:
+    a new run that fails before that (bad data, unusable weights, an error in
+    the first epoch, Ctrl-C) leaves the old run exactly as it was. Used as a
+    context manager, a failure before publishing removes the folder built aside.
+
+    Example: ``with RunFolder(Path("runs/a"), staged=True) as run: ... run.publish()``.
+    """
+
+    def __init__(self, target: Path, staged: bool = False):
+        self.target = Path(target)
+        resolved = self.target.resolve()
+        self._replaced = resolved.parent / f".{resolved.name}.cvtool-old"  # the old entries, while they are swapped
+        self.path = resolved.parent / f".{resolved.name}.cvtool-new" if staged else self.target
+
+    @property
+    def staged(self) -> bool:
+        """Still built aside (not yet published)."""
+        return self.path != self.target
+
+    def prepare(self) -> RunFolder:
+        if self.staged:
+            shutil.rmtree(self.path, ignore_errors=True)  # left by a killed run
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            where = f"{self.path} beside {self.target} to build the new run in" if self.staged else str(self.path)
+            raise UsageError(f"cannot create {where}: {exc.strerror or exc}") from None
+        return self
+
+    def publish(self) -> bool:
+        """Replace the old run's entries in ``target`` by the new run's; False when there was nothing to do."""
+        if not self.staged:
+            return False
+        staging, target, old = self.path, self.target, self._replaced
+        shutil.rmtree(old, ignore_errors=True)
+        old.mkdir()
+        target.mkdir(parents=True, exist_ok=True)
+        for name in dict.fromkeys([*RUN_ENTRIES, *(p.name for p in staging.iterdir())]):
+            if (target / name).exists() or (target / name).is_symlink():
+                (target / name).rename(old / name)
+        for entry in staging.iterdir():
+            entry.rename(target / entry.name)
+        staging.rmdir()
+        shutil.rmtree(old, ignore_errors=True)
+        self.path = target
+        return True
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.staged:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def prepare_run_dir(out: str | Path, overwrite: bool) -> RunFolder:
+    """The folder a new run goes to: ``out``, or beside it when it replaces the run there (``overwrite``)."""
     run_dir = Path(out)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file; give a folder for the run")
-    if (run_dir / MODEL_FILE).exists() or (run_dir / META_FILE).exists() or read_resume_point(run_dir):
-        if not overwrite:
-            raise UsageError(
-                f"{run_dir} already holds a trained or interrupted run; pass --resume to continue it "
-                "or --overwrite to replace it"
-            )
-        for sub in (CHECKPOINT_DIR, LOG_DIR):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
-        (run_dir / HISTORY_FILE).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    holds_run = (run_dir / MODEL_FILE).exists() or (run_dir / META_FILE).exists() or read_resume_point(run_dir)
+    if holds_run and not overwrite:
+        raise UsageError(
+            f"{run_dir} already holds a trained or interrupted run; pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    return RunFolder(run_dir, staged=bool(holds_run)).prepare()
 
 
-def open_run(out: str | Path, cfg: TrainConfig | None, cls: type, kind: str, overwrite: bool, resume: bool):
-    """(run_dir, cfg, resume state or None).
+def open_run(out: str | Path, cfg: TrainConfig | None, cls: type, kind: str, overwrite: bool, resume: bool, check=None):
+    """(RunFolder, cfg, resume state or None), the config checked by ``check`` (default :func:`validate`) first.
 
     Resuming takes the run's stored config; only ``cfg.epochs`` (when ``cfg``
     is given) replaces the stored number of epochs.
     """
+    check = check or validate
     if not resume:
         cfg = cfg or cls()
-        validate(cfg)
+        check(cfg)
         return prepare_run_dir(out, overwrite), cfg, None
     run_dir = Path(out)
     state = read_resume_point(run_dir)
@@ -146,8 +212,19 @@ def open_run(out: str | Path, cfg: TrainConfig | None, cls: type, kind: str, ove
     stored = cls.from_dict(state["config"])
     if cfg is not None:
         stored.epochs = cfg.epochs
-    validate(stored)
-    return run_dir, stored, state
+    check(stored)
+    return RunFolder(run_dir), stored, state
+
+
+def check_image_size(arch: str, side: int) -> None:
+    """Refuse a square side the network cannot take (keras.applications' own minimum), before any decoding."""
+    from cvtool.backbones import BACKBONES, MIN_IMAGE_SIZE
+
+    backbone = BACKBONES.get(arch)
+    smallest = backbone.min_size if backbone is not None else MIN_IMAGE_SIZE
+    if side < smallest:
+        network = f"{arch} needs" if backbone is not None else "the network needs"
+        raise UsageError(f"--image-size {side} is too small: {network} at least {smallest} pixels")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -157,8 +234,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--batch-size must be at least 1")
     if cfg.lr <= 0:
         raise UsageError("--lr must be positive")
-    if cfg.image_size is not None and cfg.image_size < 8:
-        raise UsageError("--image-size must be at least 8")
+    if cfg.image_size is not None:
+        check_image_size(cfg.arch, cfg.image_size)
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise UsageError("--label-smoothing must be in [0, 1)")
     for value, allowed, option in (
@@ -168,11 +245,13 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.class_weight, CLASS_WEIGHTS, "--class-weight"),
         (cfg.loop, LOOPS, "--loop"),
         (cfg.mixed_precision, ("auto", "on", "off"), "--mixed-precision"),
+        (cfg.layout, LAYOUTS, "--layout"),
     ):
         if value not in allowed:
             raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
     if cfg.patience < 0:
         raise UsageError("--patience must not be negative")
+    validate_augment(cfg.augment)
 
 
 @dataclass
@@ -204,11 +283,17 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def load_data(data: str | Path, cfg: TrainConfig, run_dir: Path, side: int, quiet: bool) -> TrainingData:
-    """Find the splits, decode each once (the cache), write errors.csv, derive class weights."""
-    from cvtool.data import decode_set, discover
+def load_data(
+    data: str | Path, cfg: TrainConfig, run_dir: Path, side: int, quiet: bool, exclude: Path | None = None
+) -> TrainingData:
+    """Find the splits, decode each once (the cache), write errors.csv, derive class weights.
 
-    splits = discover(data, cfg.val_split, cfg.seed)
+    ``exclude``: a folder inside ``data`` that is never read as data (the run being written).
+    A class none of whose training images can be read is dropped, with a warning.
+    """
+    from cvtool.data import decode_set, discover, drop_classes_without_images
+
+    splits = discover(data, cfg.val_split, cfg.seed, layout=cfg.layout, exclude=exclude)
     image_size = (side, side)
     info(
         f"{len(splits.train)} training files, {len(splits.validation)} validation, at {side}x{side}; "
@@ -223,6 +308,14 @@ def load_data(data: str | Path, cfg: TrainConfig, run_dir: Path, side: int, quie
         warn(f"skipped {path_cell(f.item.rel)}: {f.reason}")
     if len(train_set.labels) == 0:
         raise UnusableError(f"no readable training images in {data}")
+    kept, dropped, (train_set, kept_val) = drop_classes_without_images(splits.class_names, train_set, val_set)
+    for name in dropped:
+        left_out = int(np.sum(val_set.labels == splits.class_names.index(name)))
+        also = f" (its {left_out} validation images are left out too)" if left_out else ""
+        warn(f"class {name} dropped: none of its training images could be read{also}")
+    if len(kept) < 2:
+        raise UnusableError(f"{data}: only class {kept[0]} has readable training images; at least two are needed")
+    splits, val_set = dataclasses.replace(splits, class_names=kept), kept_val
     weights = None
     if cfg.class_weight == "balanced":
         weights = balanced_class_weights(train_set.labels, len(splits.class_names))
@@ -238,8 +331,9 @@ class Trainer:
     history.csv has one row per epoch and the resume point follows along.
     """
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, data: TrainingData, kind: str, quiet: bool, strategy):
-        self.run_dir, self.cfg, self.data, self.kind, self.quiet = run_dir, cfg, data, kind, quiet
+    def __init__(self, run: RunFolder, cfg: TrainConfig, data: TrainingData, kind: str, quiet: bool, strategy):
+        self.run, self.cfg, self.data, self.kind, self.quiet = run, cfg, data, kind, quiet
+        run_dir = run.path
         self.strategy = strategy
         monitor = cfg.monitor
         if monitor.startswith("val_") and not data.has_val:
@@ -260,6 +354,19 @@ class Trainer:
         self.logger = EpochLogger(self._total_epochs(), quiet)
         self.epoch = 0  # epochs completed
         self.phase: str | None = None
+        self.board = None  # the current fit's TensorBoard writer
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
+
+    def publish(self) -> None:
+        """Move a run built aside into place (see :class:`RunFolder`); the callbacks write there from now on."""
+        aside = self.run.path
+        if self.run.publish():
+            for cb in (self.saver, self.checkpointer, self.history, self.resume_point, self.board):
+                if cb is not None:
+                    _relocate(cb, aside, self.run.path)
 
     def _total_epochs(self) -> int:
         return self.cfg.epochs
@@ -291,7 +398,7 @@ class Trainer:
             )
 
     def datasets(self, augment: bool = True):
-        """(train, validation or None, calibration) tf.data pipelines."""
+        """(train, calibration) tf.data pipelines; validation reads the decoded images (:class:`ValidationScores`)."""
         from cvtool.data import training_dataset
 
         cfg, data = self.cfg, self.data
@@ -299,15 +406,14 @@ class Trainer:
         augmenter = build_augmenter(cfg.augment, data.image_size, cfg.seed) if augment else None
         n = data.num_classes
         train_ds = training_dataset(data.train_set, batch, True, cfg.seed, augmenter, n, data.class_weights)
-        val_ds = training_dataset(data.val_set, batch, False, cfg.seed, None, n) if data.has_val else None
         calibration = training_dataset(data.train_set, batch, True, cfg.seed + 1, None, n)
-        return train_ds, val_ds, calibration
+        return train_ds, calibration
 
     def fit(self, model, until: int, phase: str | None = None, augment: bool = True) -> None:
         """Train ``model`` (compiled) from the current epoch up to epoch ``until`` (1-based, inclusive)."""
         if until <= self.epoch:
             return
-        train_ds, val_ds, calibration = self.datasets(augment)
+        train_ds, calibration = self.datasets(augment)
         steps = math.ceil(len(self.data.train_set.labels) / (self.cfg.batch_size * self.strategy.num_replicas_in_sync))
         if phase != self.phase:
             self.stopper.wait = 0
@@ -316,15 +422,19 @@ class Trainer:
             trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
             self.history.extra = {"phase": phase, "trainable_params": trainable}
             self.resume_point.info["phase"] = phase
+        self.board = tensorboard(self.run_dir)
+        # Order matters: recalibrate BN, then validate that model, then everything that reads val_* or saves it.
         callbacks = [
-            RecalibrateBatchNorm(calibration, steps_per_epoch=steps),
+            RecalibrateBatchNorm(calibration),
+            ValidationScores(self.data.val_set.images, self.data.val_set.labels, self.cfg.batch_size),
             self.history,
             self.saver,
             self.checkpointer,
             self.stopper,
-            tensorboard(self.run_dir),
+            self.board,
             self.logger,
             self.resume_point,
+            PublishRun(self),  # last: after every file of the first epoch is saved
         ]
         if self.cfg.loop == "custom":
             from cvtool.loop import custom_fit
@@ -332,18 +442,16 @@ class Trainer:
             custom_fit(
                 model,
                 train_ds,
-                val_ds,
                 until,
                 self.epoch,
                 callbacks,
                 steps,
-                self.cfg.label_smoothing,
-                self.strategy,
+                label_smoothing=self.cfg.label_smoothing,
+                strategy=self.strategy,
             )
         else:
             model.fit(
                 train_ds,
-                validation_data=val_ds,
                 epochs=until,
                 initial_epoch=self.epoch,
                 callbacks=callbacks,
@@ -354,6 +462,27 @@ class Trainer:
 
     def metrics(self) -> dict:
         return {"monitor": self.monitor, "best_epoch": self.saver.best_epoch, **self.saver.best_logs}
+
+
+class PublishRun(keras.callbacks.Callback):
+    """Publishes a run built aside (``--overwrite``) once its first epoch is saved: :meth:`Trainer.publish`."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.trainer = trainer
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.trainer.publish()
+
+
+def _relocate(callback, old: Path, new: Path) -> None:
+    """Point the callback's paths inside ``old`` (model file, checkpoints, history, logs) at ``new``.
+
+    TensorBoard's open event files moved with their folder and are written on as they are.
+    """
+    for name, value in list(vars(callback).items()):
+        if isinstance(value, Path) and value.is_relative_to(old):
+            setattr(callback, name, new / value.relative_to(old))
 
 
 def write_run_meta(
@@ -422,41 +551,47 @@ def train(
     overwrite: bool = False,
     quiet: bool = False,
     resume: bool = False,
+    exclude: str | Path | None = None,
 ) -> TrainResult:
     """Train ``cfg.arch`` on the labelled folder ``data``; write the run directory ``out``.
 
     ``resume``: continue the interrupted (or finished) run in ``out`` from its
     last epoch, with its stored config; ``cfg`` (optional) only sets the epochs.
+    ``overwrite`` replaces a run in ``out`` once the new one has saved its first
+    epoch (:class:`RunFolder`). ``exclude``: the folder inside ``data`` never read
+    as data (default ``out``; an ensemble passes its own folder).
     """
     from cvtool.devices import distribution_strategy, seed_everything, strategy_name
     from cvtool.models import build_scratch, default_image_size
 
-    run_dir, cfg, state = open_run(out, cfg, TrainConfig, "train", overwrite, resume)
-    if cfg.epochs < 1:
-        raise UsageError("--epochs must be at least 1")
-    if state is not None and state["epoch"] >= cfg.epochs:
-        raise UsageError(f"{run_dir} already ran {state['epoch']} epochs; pass a larger --epochs to continue")
-    side = cfg.image_size or default_image_size(cfg.arch)
-    seed_everything(cfg.seed + (state["epoch"] if state else 0), cfg.deterministic)
-    with precision_scope(cfg.mixed_precision) as mixed:
-        strategy = distribution_strategy()
-        info(f"training {cfg.arch} ({strategy_name(strategy)}, mixed precision {'on' if mixed else 'off'})", quiet)
-        tdata = load_data(data, cfg, run_dir, side, quiet)
-        trainer = Trainer(run_dir, cfg, tdata, "train", quiet, strategy)
-        if state is not None:
-            trainer.restore(state)
-            model = trainer.load_resume_model(state)
-            info(f"resuming {run_dir} after epoch {trainer.epoch}", quiet)
-        else:
-            with strategy.scope():
-                model = build_scratch(cfg.arch, tdata.num_classes, tdata.image_size)
-            trainer.compile(model, cfg.lr)
-        trainer.fit(model, cfg.epochs)
-        extra = {"arch": cfg.arch, "backbone": None if cfg.arch == "small-cnn" else cfg.arch}
-        write_run_meta(trainer, data, extra, mixed)
+    run, cfg, state = open_run(out, cfg, TrainConfig, "train", overwrite, resume)
+    with run:
+        if cfg.epochs < 1:
+            raise UsageError("--epochs must be at least 1")
+        if state is not None and state["epoch"] >= cfg.epochs:
+            raise UsageError(f"{run.target} already ran {state['epoch']} epochs; pass a larger --epochs to continue")
+        side = cfg.image_size or default_image_size(cfg.arch)
+        seed_everything(cfg.seed + (state["epoch"] if state else 0), cfg.deterministic)
+        with precision_scope(cfg.mixed_precision) as mixed:
+            strategy = distribution_strategy()
+            info(f"training {cfg.arch} ({strategy_name(strategy)}, mixed precision {'on' if mixed else 'off'})", quiet)
+            tdata = load_data(data, cfg, run.path, side, quiet, exclude=Path(exclude or run.target))
+            trainer = Trainer(run, cfg, tdata, "train", quiet, strategy)
+            if state is not None:
+                trainer.restore(state)
+                model = trainer.load_resume_model(state)
+                info(f"resuming {run.target} after epoch {trainer.epoch}", quiet)
+            else:
+                with strategy.scope():
+                    model = build_scratch(cfg.arch, tdata.num_classes, tdata.image_size)
+                trainer.compile(model, cfg.lr)
+            trainer.fit(model, cfg.epochs)
+            trainer.publish()
+            extra = {"arch": cfg.arch, "backbone": None if cfg.arch == "small-cnn" else cfg.arch}
+            write_run_meta(trainer, data, extra, mixed)
     metrics = trainer.metrics()
     info(f"best epoch {metrics['best_epoch']}: " + format_logs(trainer.saver.best_logs), quiet)
-    return TrainResult(run_dir, metrics, tdata.failures, model)
+    return TrainResult(run.target, metrics, tdata.failures, model)
 
 
 def plot_history(run_dir: Path) -> Path | None:
