@@ -94,7 +94,14 @@ def main() -> None:
     timing = EpochTimes()
     # Validation each epoch, as cvtool train does (its epoch time includes it).
     val = (val_set.images.astype(np.float32), val_set.labels)
-    compiled().fit(ds, epochs=args.epochs, verbose=0, callbacks=[timing.callback()], validation_data=val, batch_size=args.batch_size)
+    compiled().fit(
+        ds,
+        epochs=args.epochs,
+        verbose=0,
+        callbacks=[timing.callback()],
+        validation_data=val,
+        batch_size=args.batch_size,
+    )
     base = timing.steady
     row("fit on in-memory tensors, s/epoch", base, "s")
 
