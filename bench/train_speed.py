@@ -59,10 +59,10 @@ def main() -> None:
     import tensorflow as tf
 
     import cvtool.runtime  # noqa: F401
-    from cvtool.augment import AugmentConfig
+    from cvtool.config import AugmentConfig, TrainConfig
     from cvtool.data import decode_set, discover
     from cvtool.models import small_cnn
-    from cvtool.train import TrainConfig, train
+    from cvtool.train import train
 
     size = (args.size, args.size)
     splits = discover(args.data)
@@ -94,7 +94,14 @@ def main() -> None:
     timing = EpochTimes()
     # Validation each epoch, as cvtool train does (its epoch time includes it).
     val = (val_set.images.astype(np.float32), val_set.labels)
-    compiled().fit(ds, epochs=args.epochs, verbose=0, callbacks=[timing.callback()], validation_data=val, batch_size=args.batch_size)
+    compiled().fit(
+        ds,
+        epochs=args.epochs,
+        verbose=0,
+        callbacks=[timing.callback()],
+        validation_data=val,
+        batch_size=args.batch_size,
+    )
     base = timing.steady
     row("fit on in-memory tensors, s/epoch", base, "s")
 
@@ -104,7 +111,7 @@ def main() -> None:
         cfg = TrainConfig(
             epochs=args.epochs, image_size=args.size, batch_size=args.batch_size, augment=AugmentConfig(hflip=hflip)
         )
-        train(args.data, out / "run", cfg, quiet=True)
+        train(args.data, out / "run", cfg=cfg, quiet=True)
         with open(out / "run" / "history.csv", newline="") as f:
             secs = [float(r["seconds"]) for r in csv.DictReader(f)]
         results[label] = float(np.mean(secs[1:] if len(secs) > 1 else secs))

@@ -96,7 +96,7 @@ def train_members(data: str | Path, out: str | Path, cfg, members: int, overwrit
         name = f"member-{i}"
         member_cfg = dataclasses.replace(cfg, seed=cfg.seed + i - 1)
         info(f"member {i}/{members} (seed {member_cfg.seed}) -> {run_dir / name}", quiet)
-        results.append(train(data, run_dir / name, member_cfg, overwrite=overwrite, quiet=quiet, exclude=run_dir))
+        results.append(train(data, run_dir / name, cfg=member_cfg, overwrite=overwrite, quiet=quiet, exclude=run_dir))
         names.append(name)
     from cvtool.bundle import read_meta
 

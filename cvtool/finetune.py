@@ -29,18 +29,17 @@ Everything else (data cache, callbacks, checkpoints, early stopping,
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
+from cvtool.config import HUB_PREFIX, FinetuneConfig
 from cvtool.errors import UnusableError, UsageError
 from cvtool.locks import holds_output_lock
 from cvtool.progress import info
 from cvtool.train import (
     RunFolder,
-    TrainConfig,
     Trainer,
     TrainingData,
     TrainResult,
@@ -52,36 +51,8 @@ from cvtool.train import (
     write_run_meta,
 )
 
-HUB_PREFIX = "hub:"
 HUB_IMAGE_SIZE = 224
 HEAD_PHASE, FINE_TUNE_PHASE = "head", "fine-tune"
-
-
-@dataclass
-class FinetuneConfig(TrainConfig):
-    """TrainConfig plus the fine-tuning choices; ``epochs`` is the fine-tune phase's length."""
-
-    arch: str = "mobilenet_v2"  # the backbone: a BACKBONES name or hub:HANDLE_OR_PATH
-    epochs: int = 5
-    head_epochs: int = 5
-    weights: str = "imagenet"  # imagenet | none | PATH
-    dropout: float = 0.2
-    unfreeze: int | None = None  # top N backbone layers; None: use unfreeze_fraction
-    unfreeze_fraction: float = 0.25
-    fine_tune_lr: float | None = None  # None: lr / 10
-
-    @property
-    def backbone(self) -> str:
-        return self.arch
-
-    @property
-    def is_hub(self) -> bool:
-        return self.arch.startswith(HUB_PREFIX)
-
-    @property
-    def pretrained(self) -> bool:
-        """Weights with BatchNorm statistics worth keeping (imagenet or a file), as opposed to none."""
-        return self.weights != "none"
 
 
 def validate_finetune(cfg: FinetuneConfig) -> None:
@@ -176,6 +147,7 @@ def unfreeze_top(model, cfg: FinetuneConfig) -> int:
 def finetune(
     data: str | Path,
     out: str | Path,
+    *,
     cfg: FinetuneConfig | None = None,
     overwrite: bool = False,
     quiet: bool = False,

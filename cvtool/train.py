@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
-from cvtool.augment import AugmentConfig, build_augmenter, validate_augment
+from cvtool.augment import build_augmenter, validate_augment
 from cvtool.batches import Failure
 from cvtool.bundle import HUB_DIR, META_FILE, MODEL_FILE, write_meta
 from cvtool.callbacks import (  # noqa: F401 - re-exported: the callbacks used to live here
@@ -38,6 +38,7 @@ from cvtool.callbacks import (  # noqa: F401 - re-exported: the callbacks used t
     read_resume_point,
     tensorboard,
 )
+from cvtool.config import TrainConfig
 from cvtool.data import LAYOUTS
 from cvtool.errors import UnusableError, UsageError
 from cvtool.locks import holds_output_lock
@@ -49,43 +50,6 @@ OPTIMIZERS = ("adam", "rmsprop", "sgd")
 LOOPS = ("fit", "custom")
 CLASS_WEIGHTS = ("none", "balanced")
 ERRORS_FILE = "errors.csv"
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides how a model is trained; stored in cvtool.json."""
-
-    arch: str = "small-cnn"
-    epochs: int = 10
-    image_size: int | None = None  # square side; None: the architecture's default
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    seed: int = 42
-    val_split: float = 0.2
-    label_smoothing: float = 0.0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    checkpoint: str = "best"  # best | every-epoch | none
-    monitor: str = "val_loss"
-    patience: int = 0  # early stopping; 0 = off
-    min_delta: float = 0.0
-    class_weight: str = "none"  # none | balanced
-    loop: str = "fit"  # fit | custom
-    deterministic: bool = False
-    mixed_precision: str = "auto"  # auto | on | off
-    layout: str = "auto"  # how DATA's folders are read: auto | classes | splits (cvtool.data.split_dirs)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        """The config stored in a run (unknown keys ignored, missing ones default)."""
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
-        if isinstance(values.get("augment"), dict):
-            values["augment"] = AugmentConfig(**values["augment"])
-        return cls(**values)
 
 
 @dataclass
@@ -547,6 +511,7 @@ class precision_scope:
 def train(
     data: str | Path,
     out: str | Path,
+    *,
     cfg: TrainConfig | None = None,
     overwrite: bool = False,
     quiet: bool = False,
