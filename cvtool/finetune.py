@@ -23,7 +23,7 @@ trained on them (head phase only; no augmentation). The run directory keeps
 a copy of the SavedModel so ``predict`` needs nothing else.
 
 Everything else (data cache, callbacks, checkpoints, early stopping,
-``--resume``, both loops, run directory) is :mod:`cvtool.train`'s machinery.
+``--resume``, both loops, run directory) is the trainer's, :mod:`cvtool.trainer`.
 """
 
 from __future__ import annotations
@@ -34,16 +34,16 @@ from pathlib import Path
 import numpy as np
 
 import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
+from cvtool.callbacks import format_logs
 from cvtool.config import HUB_PREFIX, FinetuneConfig
 from cvtool.errors import UnusableError, UsageError
 from cvtool.locks import holds_output_lock
 from cvtool.progress import info
-from cvtool.train import (
+from cvtool.trainer import (
     RunFolder,
     Trainer,
     TrainingData,
     TrainResult,
-    format_logs,
     load_data,
     open_run,
     precision_scope,

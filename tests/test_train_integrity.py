@@ -187,7 +187,7 @@ def test_class_folders_in_nfd_and_nfc_are_one_class_named_in_nfc(tmp_path):
 
 def test_a_class_whose_files_are_all_unreadable_is_dropped_with_a_warning(tmp_path, capsys):
     from cvtool.config import TrainConfig
-    from cvtool.train import load_data
+    from cvtool.trainer import load_data
 
     data = classes_folder(tmp_path / "data", ["a", "b", "c"], per_class=5)
     for path in (data / "b").iterdir():

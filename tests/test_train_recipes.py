@@ -30,7 +30,7 @@ def checkpoint_epochs(run: Path) -> list[int]:
 
 
 def test_label_smoothing_changes_the_loss_as_expected():
-    from cvtool.train import make_loss
+    from cvtool.trainer import make_loss
 
     y = np.array([[1.0, 0.0, 0.0]], np.float32)
     p = np.array([[0.7, 0.2, 0.1]], np.float32)
@@ -151,7 +151,7 @@ def test_vertical_flip_shear_and_crop_switches():
 
 def test_balanced_class_weights_reach_the_batches():
     from cvtool.data import DecodedSet, training_dataset
-    from cvtool.train import balanced_class_weights
+    from cvtool.trainer import balanced_class_weights
 
     labels = np.array([0] * 6 + [1] * 2, np.int32)
     weights = balanced_class_weights(labels, 2)
