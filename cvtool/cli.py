@@ -272,6 +272,17 @@ def config_options(cls):
     return decorate
 
 
+def _report_skipped(results) -> None:
+    """Why a training run exits 1: how many unreadable files it skipped, and where they are listed."""
+    from cvtool.trainer import ERRORS_FILE
+
+    skipped = [r for r in results if r.failures]
+    if skipped:
+        n = len(skipped[0].failures)  # every member reads the same DATA
+        where = ", ".join(str(r.run_dir / ERRORS_FILE) for r in skipped)
+        typer.echo(f"{n} file{'s' if n != 1 else ''} skipped: could not be read (see {where})", err=True)
+
+
 Layout = config_option(TrainConfig, "layout")  # evaluate reads DATA the same way
 
 
@@ -302,9 +313,11 @@ def train(
             raise UsageError("--resume works on one run; resume each RUN/member-N folder on its own")
         results = train_members(data, out, cfg=cfg, members=members, overwrite=overwrite, quiet=quiet)
         typer.echo(f"ensemble of {members} models saved to {out}")
+        _report_skipped(results)
         return 1 if any(r.failures for r in results) else 0
     result = run_train(data, out, cfg=cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
+    _report_skipped([result])
     return 1 if result.failures else 0
 
 
@@ -637,6 +650,7 @@ def finetune(
     cfg = from_options(FinetuneConfig, options, resume)  # --resume: the stored config; only --epochs can change
     result = run_finetune(data, out, cfg=cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
+    _report_skipped([result])
     return 1 if result.failures else 0
 
 
