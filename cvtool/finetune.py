@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
-from cvtool.callbacks import format_logs
 from cvtool.config import HUB_PREFIX, FinetuneConfig
 from cvtool.errors import UnusableError, UsageError
 from cvtool.locks import holds_output_lock
@@ -153,14 +152,27 @@ def finetune(
     quiet: bool = False,
     resume: bool = False,
 ) -> TrainResult:
-    """Fine-tune ``cfg.arch`` on the labelled folder ``data``; write the run directory ``out``.
+    """Fine-tune ``cfg.arch`` (a pretrained backbone) on the labelled folder ``data``; write the run ``out``.
 
-    ``resume`` continues the run in ``out`` with its stored config; ``cfg`` (optional)
-    only sets the fine-tune phase's epochs.
+    Args:
+        data: DATA/<class>/ or DATA/train|validation|test/<class>/ (``cfg.layout``).
+        out: the run directory, as :func:`cvtool.train.train` writes it.
+        cfg: the options (default: ``FinetuneConfig()``); with ``resume``, only its ``epochs``
+            (the fine-tune phase's) counts.
+        overwrite: replace a run in ``out`` once the new one has saved its first epoch.
+        quiet: no progress lines (warnings still print).
+        resume: continue the run in ``out`` with its stored config.
+
+    Returns:
+        A :class:`cvtool.trainer.TrainResult`.
+
+    Usage: ``finetune("photos/", "runs/ft", cfg=FinetuneConfig(arch="efficientnet_b0", epochs=10))``.
     """
     from cvtool.devices import seed_everything
 
-    run, cfg, state = open_run(out, cfg, FinetuneConfig, "finetune", overwrite, resume, check=validate_finetune)
+    run, cfg, state = open_run(
+        out, cfg, cls=FinetuneConfig, kind="finetune", overwrite=overwrite, resume=resume, check=validate_finetune
+    )
     with run:
         total = cfg.head_epochs + (0 if cfg.is_hub else cfg.epochs)
         if state is not None and state["epoch"] >= total and state.get("phase") != HEAD_PHASE:
@@ -181,8 +193,8 @@ def _finetune_backbone(data, run: RunFolder, cfg: FinetuneConfig, state: dict | 
     with precision_scope(cfg.mixed_precision) as mixed:
         strategy = distribution_strategy()
         info(f"fine-tuning {cfg.arch} (weights {cfg.weights}, {strategy_name(strategy)})", quiet)
-        tdata = load_data(data, cfg, run.path, side, quiet, exclude=run.target)
-        trainer = Trainer(run, cfg, tdata, "finetune", quiet, strategy)
+        tdata = load_data(data, cfg, run_dir=run.path, side=side, quiet=quiet, exclude=run.target)
+        trainer = Trainer(run, cfg, tdata, kind="finetune", quiet=quiet, strategy=strategy)
         trainer.logger.epochs = total
         if state is not None:
             trainer.restore(state)
@@ -216,9 +228,7 @@ def _finetune_backbone(data, run: RunFolder, cfg: FinetuneConfig, state: dict | 
             "phases": {"head_epochs": cfg.head_epochs, "fine_tune_epochs": cfg.epochs, "unfrozen_layers": unfrozen},
         }
         write_run_meta(trainer, data, extra, mixed)
-    metrics = trainer.metrics()
-    info(f"best epoch {metrics['best_epoch']}: " + format_logs(trainer.saver.best_logs), quiet)
-    return TrainResult(run.target, metrics, tdata.failures, model)
+    return trainer.result(model)
 
 
 def _finetune_hub(data, run: RunFolder, cfg: FinetuneConfig, state: dict | None, quiet: bool) -> TrainResult:
@@ -234,7 +244,7 @@ def _finetune_hub(data, run: RunFolder, cfg: FinetuneConfig, state: dict | None,
     with precision_scope("off") as mixed:
         strategy = distribution_strategy()
         info(f"hub feature extractor {handle} (frozen: only the head is trained, no augmentation)", quiet)
-        tdata = load_data(data, cfg, run.path, side, quiet, exclude=run.target)
+        tdata = load_data(data, cfg, run_dir=run.path, side=side, quiet=quiet, exclude=run.target)
         feats = [
             DecodedSet(hub_features(extractor, s.images, cfg.batch_size), s.labels, s.items, s.failures)
             for s in (tdata.train_set, tdata.val_set)
@@ -243,7 +253,7 @@ def _finetune_hub(data, run: RunFolder, cfg: FinetuneConfig, state: dict | None,
         if not tdata.has_val:
             feats[1] = DecodedSet(np.zeros((0, dim), np.float32), feats[1].labels, [], [])
         fdata = TrainingData(tdata.splits, feats[0], feats[1], tdata.image_size, tdata.failures, tdata.class_weights)
-        trainer = Trainer(run, cfg, fdata, "finetune", quiet, strategy)
+        trainer = Trainer(run, cfg, fdata, kind="finetune", quiet=quiet, strategy=strategy)
         trainer.logger.epochs = cfg.head_epochs
         if state is not None:
             trainer.restore(state)
@@ -266,9 +276,7 @@ def _finetune_hub(data, run: RunFolder, cfg: FinetuneConfig, state: dict | None,
             "phases": {"head_epochs": cfg.head_epochs, "fine_tune_epochs": 0, "unfrozen_layers": 0},
         }
         write_run_meta(trainer, data, extra, mixed, preprocessing="pixels / 255, then the hub model")
-    metrics = trainer.metrics()
-    info(f"best epoch {metrics['best_epoch']}: " + format_logs(trainer.saver.best_logs), quiet)
-    return TrainResult(run.target, metrics, tdata.failures, model)
+    return trainer.result(model)
 
 
 def _copy_hub_model(handle: str, dest: Path) -> None:

@@ -10,7 +10,6 @@ import dataclasses
 from pathlib import Path
 
 from cvtool.bundle import META_FILE, write_ensemble_manifest
-from cvtool.callbacks import format_logs
 from cvtool.config import TrainConfig
 from cvtool.errors import UsageError
 from cvtool.locks import holds_output_lock
@@ -29,18 +28,29 @@ def train(
     resume: bool = False,
     exclude: str | Path | None = None,
 ) -> TrainResult:
-    """Train ``cfg.arch`` on the labelled folder ``data``; write the run directory ``out``.
+    """Train ``cfg.arch`` from scratch on the labelled folder ``data``; write the run directory ``out``.
 
-    ``resume``: continue the interrupted (or finished) run in ``out`` from its
-    last epoch, with its stored config; ``cfg`` (optional) only sets the epochs.
-    ``overwrite`` replaces a run in ``out`` once the new one has saved its first
-    epoch (:class:`RunFolder`). ``exclude``: the folder inside ``data`` never read
-    as data (default ``out``; an ensemble passes its own folder).
+    Args:
+        data: DATA/<class>/ or DATA/train|validation|test/<class>/ (``cfg.layout``).
+        out: the run directory (model.keras, cvtool.json, history, checkpoints/, logs/, errors.csv).
+        cfg: the options (default: ``TrainConfig()``); with ``resume``, only its ``epochs`` counts.
+        overwrite: replace a run in ``out`` once the new one has saved its first epoch
+            (:class:`cvtool.trainer.RunFolder`).
+        quiet: no progress lines (warnings still print).
+        resume: continue the interrupted (or finished) run in ``out`` from its last epoch,
+            with its stored config.
+        exclude: the folder inside ``data`` never read as data (default ``out``; an ensemble
+            passes its own folder).
+
+    Returns:
+        A :class:`cvtool.trainer.TrainResult`: the run folder, best-epoch metrics, skipped files, model.
+
+    Usage: ``train("photos/", "runs/a", cfg=TrainConfig(epochs=5))``.
     """
     from cvtool.devices import distribution_strategy, seed_everything, strategy_name
     from cvtool.models import build_scratch, default_image_size
 
-    run, cfg, state = open_run(out, cfg, TrainConfig, "train", overwrite, resume)
+    run, cfg, state = open_run(out, cfg, cls=TrainConfig, kind="train", overwrite=overwrite, resume=resume)
     with run:
         if cfg.epochs < 1:
             raise UsageError("--epochs must be at least 1")
@@ -51,8 +61,8 @@ def train(
         with precision_scope(cfg.mixed_precision) as mixed:
             strategy = distribution_strategy()
             info(f"training {cfg.arch} ({strategy_name(strategy)}, mixed precision {'on' if mixed else 'off'})", quiet)
-            tdata = load_data(data, cfg, run.path, side, quiet, exclude=Path(exclude or run.target))
-            trainer = Trainer(run, cfg, tdata, "train", quiet, strategy)
+            tdata = load_data(data, cfg, run_dir=run.path, side=side, quiet=quiet, exclude=Path(exclude or run.target))
+            trainer = Trainer(run, cfg, tdata, kind="train", quiet=quiet, strategy=strategy)
             if state is not None:
                 trainer.restore(state)
                 model = trainer.load_resume_model(state)
@@ -65,9 +75,7 @@ def train(
             trainer.publish()
             extra = {"arch": cfg.arch, "backbone": None if cfg.arch == "small-cnn" else cfg.arch}
             write_run_meta(trainer, data, extra, mixed)
-    metrics = trainer.metrics()
-    info(f"best epoch {metrics['best_epoch']}: " + format_logs(trainer.saver.best_logs), quiet)
-    return TrainResult(run.target, metrics, tdata.failures, model)
+    return trainer.result(model)
 
 
 @holds_output_lock("out", folder=True)

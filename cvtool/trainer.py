@@ -9,12 +9,15 @@ model and the phases.
 
 Example::
 
-    run, cfg, state = open_run("runs/a", TrainConfig(epochs=3), TrainConfig, "train", overwrite=False, resume=False)
+    run, cfg, state = open_run("runs/a", TrainConfig(epochs=3), cls=TrainConfig, kind="train")
     with run:
-        data = load_data("photos/", cfg, run.path, 64, quiet=False, exclude=run.target)
-        trainer = Trainer(run, cfg, data, "train", quiet=False, strategy=distribution_strategy())
+        data = load_data("photos/", cfg, run_dir=run.path, side=64, exclude=run.target)
+        trainer = Trainer(run, cfg, data, kind="train", quiet=False, strategy=distribution_strategy())
         trainer.compile(model, cfg.lr)
         trainer.fit(model, cfg.epochs)
+        trainer.publish()
+        write_run_meta(trainer, "photos/", {"arch": cfg.arch}, mixed=False)
+    result = trainer.result(model)
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from cvtool.callbacks import (
     RecalibrateBatchNorm,
     ResumePoint,
     ValidationScores,
+    format_logs,
     read_resume_point,
     tensorboard,
 )
@@ -166,7 +170,16 @@ def prepare_run_dir(out: str | Path, overwrite: bool) -> RunFolder:
     return RunFolder(run_dir, staged=bool(holds_run)).prepare()
 
 
-def open_run(out: str | Path, cfg: TrainConfig | None, cls: type, kind: str, overwrite: bool, resume: bool, check=None):
+def open_run(
+    out: str | Path,
+    cfg: TrainConfig | None,
+    *,
+    cls: type,
+    kind: str,
+    overwrite: bool = False,
+    resume: bool = False,
+    check=None,
+):
     """(RunFolder, cfg, resume state or None), the config checked by ``check`` (default :func:`validate`) first.
 
     Resuming takes the run's stored config; only ``cfg.epochs`` (when ``cfg``
@@ -258,7 +271,7 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def load_data(
-    data: str | Path, cfg: TrainConfig, run_dir: Path, side: int, quiet: bool, exclude: Path | None = None
+    data: str | Path, cfg: TrainConfig, *, run_dir: Path, side: int, quiet: bool = False, exclude: Path | None = None
 ) -> TrainingData:
     """Find the splits, decode each once (the cache), write errors.csv, derive class weights.
 
@@ -305,7 +318,7 @@ class Trainer:
     history.csv has one row per epoch and the resume point follows along.
     """
 
-    def __init__(self, run: RunFolder, cfg: TrainConfig, data: TrainingData, kind: str, quiet: bool, strategy):
+    def __init__(self, run: RunFolder, cfg: TrainConfig, data: TrainingData, *, kind: str, quiet: bool, strategy):
         self.run, self.cfg, self.data, self.kind, self.quiet = run, cfg, data, kind, quiet
         run_dir = run.path
         self.strategy = strategy
@@ -436,6 +449,12 @@ class Trainer:
 
     def metrics(self) -> dict:
         return {"monitor": self.monitor, "best_epoch": self.saver.best_epoch, **self.saver.best_logs}
+
+    def result(self, model) -> TrainResult:
+        """The finished run's :class:`TrainResult`, after a line naming its best epoch."""
+        metrics = self.metrics()
+        info(f"best epoch {metrics['best_epoch']}: " + format_logs(self.saver.best_logs), self.quiet)
+        return TrainResult(self.run.target, metrics, self.data.failures, model)
 
 
 class PublishRun(keras.callbacks.Callback):

@@ -194,7 +194,7 @@ def test_a_class_whose_files_are_all_unreadable_is_dropped_with_a_warning(tmp_pa
         path.write_bytes(b"not an image")
     run = tmp_path / "run"
     run.mkdir()
-    tdata = load_data(data, TrainConfig(val_split=0.2), run, 16, quiet=True)
+    tdata = load_data(data, TrainConfig(val_split=0.2), run_dir=run, side=16, quiet=True)
     assert tdata.splits.class_names == ["a", "c"]
     assert tdata.num_classes == 2
     assert sorted(set(tdata.train_set.labels.tolist())) == [0, 1]
