@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 
 from cvtool import __version__
 from cvtool.classmap import DEFAULT_MODEL as DEFAULT_SEGMENT_MODEL
-from cvtool.config import FinetuneConfig, TrainConfig
+from cvtool.config import FinetuneConfig, TrainConfig, from_options, option_fields
 from cvtool.errors import EXIT_UNUSABLE, EXIT_USAGE, CvtoolError
 
 COMMAND_ORDER = ("train", "finetune", "predict", "tta", "ensemble", "evaluate", "gradcam", "segment", "merge", "models")
@@ -233,10 +233,8 @@ def _config_parameter(name: str, hint, metadata: dict) -> inspect.Parameter:
     return inspect.Parameter(name, kind, default=default, annotation=Annotated[annotation, info])
 
 
-def config_option(cls, name: str):
+def field_option(cls, name: str):
     """The Annotated type of config field ``name``, for a command that takes it too (evaluate's --layout)."""
-    from cvtool.config import option_fields
-
     return next(_config_parameter(n, t, m) for n, t, m in option_fields(cls) if n == name).annotation
 
 
@@ -246,16 +244,7 @@ def config_options(cls):
     The command receives their values as one dict, ``options`` (field name -> value; None:
     not given), for :func:`cvtool.config.from_options`. Usage: ``@config_options(TrainConfig)``.
     """
-    from dataclasses import MISSING, fields
-
-    from cvtool.config import option_fields
-
-    defaults = {}
-    for f in fields(cls):
-        nested = f.default_factory if f.default_factory is not MISSING else None
-        for g in fields(nested) if nested else [f]:
-            defaults[g.name] = g.default
-    params = [_config_parameter(n, t, {**m, "default": defaults[n]}) for n, t, m in option_fields(cls)]
+    params = [_config_parameter(n, t, m) for n, t, m in option_fields(cls)]
 
     def decorate(func):
         own = list(inspect.signature(func, eval_str=True).parameters.values())
@@ -283,7 +272,7 @@ def _report_skipped(results) -> None:
         typer.echo(f"{n} file{'s' if n != 1 else ''} skipped: could not be read (see {where})", err=True)
 
 
-Layout = config_option(TrainConfig, "layout")  # evaluate reads DATA the same way
+Layout = field_option(TrainConfig, "layout")  # evaluate reads DATA the same way
 
 
 @app.command()
@@ -300,7 +289,6 @@ def train(
 ) -> int:
     """Train a classifier from scratch; writes model.keras, cvtool.json, history, checkpoints/, logs/ into --out."""
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
-    from cvtool.config import from_options
     from cvtool.train import train as run_train
 
     cfg = from_options(TrainConfig, options, resume)  # --resume: the stored config; only --epochs can change
@@ -644,7 +632,6 @@ def finetune(
 ) -> int:
     """Transfer learning: train a new head on a frozen pretrained backbone, then fine-tune its top layers."""
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
-    from cvtool.config import from_options
     from cvtool.finetune import finetune as run_finetune
 
     cfg = from_options(FinetuneConfig, options, resume)  # --resume: the stored config; only --epochs can change

@@ -160,7 +160,7 @@ class FinetuneConfig(TrainConfig):
 
 
 def option_fields(cls: type) -> list[tuple[str, Any, dict]]:
-    """(name, type, field metadata) of every option of ``cls``, nested configs flattened.
+    """(name, type, settings) of every option of ``cls``: its field metadata and default; nested configs flattened.
 
     The class's own fields come first (finetune's choices before the inherited ones),
     then the inherited fields in their order. Usage: ``[name for name, _, _ in option_fields(TrainConfig)]``.
@@ -171,7 +171,7 @@ def option_fields(cls: type) -> list[tuple[str, Any, dict]]:
     result = []
     for f in ordered:
         nested = _nested(f)
-        result += option_fields(nested) if nested else [(f.name, hints[f.name], dict(f.metadata))]
+        result += option_fields(nested) if nested else [(f.name, hints[f.name], {**f.metadata, "default": f.default})]
     return result
 
 
