@@ -59,10 +59,10 @@ def main() -> None:
     import tensorflow as tf
 
     import cvtool.runtime  # noqa: F401
-    from cvtool.augment import AugmentConfig
+    from cvtool.config import AugmentConfig, TrainConfig
     from cvtool.data import decode_set, discover
     from cvtool.models import small_cnn
-    from cvtool.train import TrainConfig, train
+    from cvtool.train import train
 
     size = (args.size, args.size)
     splits = discover(args.data)
@@ -111,7 +111,7 @@ def main() -> None:
         cfg = TrainConfig(
             epochs=args.epochs, image_size=args.size, batch_size=args.batch_size, augment=AugmentConfig(hflip=hflip)
         )
-        train(args.data, out / "run", cfg, quiet=True)
+        train(args.data, out / "run", cfg=cfg, quiet=True)
         with open(out / "run" / "history.csv", newline="") as f:
             secs = [float(r["seconds"]) for r in csv.DictReader(f)]
         results[label] = float(np.mean(secs[1:] if len(secs) > 1 else secs))

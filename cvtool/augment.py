@@ -7,32 +7,9 @@ and is not part of the saved model, so predict never pays for it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
+from cvtool.config import AugmentConfig
 from cvtool.errors import UsageError
-
-
-@dataclass
-class AugmentConfig:
-    """Switches for random training-time transforms (0 turns one off)."""
-
-    hflip: bool = True
-    vflip: bool = False
-    rotation: float = 0.0  # fraction of a full turn, as keras.layers.RandomRotation
-    zoom: float = 0.0  # fraction, in and out
-    shift: float = 0.0  # fraction of height/width
-    shear: float = 0.0  # shear intensity, as keras.layers.RandomShear
-    crop: float = 0.0  # a window (1 - crop) of each side at a random place, resized back
-    contrast: float = 0.0  # factor, as keras.layers.RandomContrast
-    brightness: float = 0.0  # fraction of the 0-255 range
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def enabled(self) -> bool:
-        return any(v for v in asdict(self).values())
-
 
 # (lowest, highest, highest allowed): what the Keras layers accept for one value v used as [-v, v]
 # (RandomZoom needs v < 1: a zoom factor of 1 - v must stay positive), and for crop a window

@@ -7,8 +7,10 @@ and `--version` answer at once.
 from __future__ import annotations
 
 import functools
+import inspect
 import signal
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,6 +19,7 @@ from typer.core import TyperGroup
 
 from cvtool import __version__
 from cvtool.classmap import DEFAULT_MODEL as DEFAULT_SEGMENT_MODEL
+from cvtool.config import FinetuneConfig, TrainConfig, from_options, option_fields
 from cvtool.errors import EXIT_UNUSABLE, EXIT_USAGE, CvtoolError
 
 COMMAND_ORDER = ("train", "finetune", "predict", "tta", "ensemble", "evaluate", "gradcam", "segment", "merge", "models")
@@ -47,11 +50,9 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", envvar="CVTOOL_OVERWRITE
 BatchSize = Annotated[
     int, typer.Option("--batch-size", "-b", envvar="CVTOOL_BATCH_SIZE", min=1, help="Images per batch.")
 ]
-# Training and segmentation keep their own variables: a cron job's CVTOOL_BATCH_SIZE for predict must
-# not change training hyper-parameters, nor send full-size photos to a segmentation model 32 at a time.
-TrainBatchSize = Annotated[
-    int, typer.Option("--batch-size", "-b", envvar="CVTOOL_TRAIN_BATCH_SIZE", min=1, help="Images per training step.")
-]
+# Training (cvtool.config: CVTOOL_TRAIN_BATCH_SIZE) and segmentation keep their own variables: a cron job's
+# CVTOOL_BATCH_SIZE for predict must not change training hyper-parameters, nor send full-size photos to a
+# segmentation model 32 at a time.
 SegmentBatchSize = Annotated[
     int,
     typer.Option(
@@ -185,146 +186,126 @@ def _refuse_impossible_out(out: Path) -> None:
     check_output_location(out, folder=True)
 
 
-# Options shared by train and finetune.
+# train and finetune: DATA, --out and the run's own switches here; every other option is a field of
+# cvtool.config's dataclasses (name, type, default, help), declared there once and added by `config_options`.
 DataArg = Annotated[
     Path,
-    typer.Argument(help="Labelled folder: DATA/<class>/ or DATA/train|validation|test/<class>/.", show_default=False),
-]
-RunOut = Annotated[Path, typer.Option("--out", "-o", help="Run directory to create.", show_default=False)]
-ImageSize = Annotated[
-    Optional[int],
-    typer.Option(help="Square input side in pixels (default: 64 for small-cnn, else the network's own)."),
-]
-Optimizer = Annotated[str, typer.Option(help="adam, rmsprop or sgd (momentum 0.9, Nesterov).")]
-Seed = Annotated[int, typer.Option(help="Seeds Python, NumPy and TensorFlow: split, shuffling, augmentation, weights.")]
-ValSplit = Annotated[float, typer.Option(help="Fraction held out per class when DATA has no validation/ folder.")]
-LabelSmoothing = Annotated[float, typer.Option(help="Label smoothing (0.1 is usual).")]
-Hflip = Annotated[bool, typer.Option("--hflip/--no-hflip", help="Random horizontal flips.")]
-Vflip = Annotated[bool, typer.Option("--vflip/--no-vflip", help="Random vertical flips.")]
-Rotation = Annotated[
-    float, typer.Option(help="Random rotation, fraction of a full turn (0.05 = 18 degrees); 0 to 0.5.")
-]
-Zoom = Annotated[float, typer.Option(help="Random zoom in/out, fraction; 0 to under 1.")]
-Shift = Annotated[float, typer.Option(help="Random shift, fraction of height/width; 0 to 1.")]
-Shear = Annotated[float, typer.Option(help="Random shear intensity; 0 to 1.")]
-Crop = Annotated[
-    float,
-    typer.Option(help="Random crop: a window of (1 - CROP) of each side at a random place, resized back; 0 to 0.5."),
-]
-Contrast = Annotated[float, typer.Option(help="Random contrast factor; 0 to 1.")]
-Brightness = Annotated[float, typer.Option(help="Random brightness, fraction of the pixel range; 0 to 1.")]
-Checkpoint = Annotated[
-    str,
-    typer.Option(
-        envvar="CVTOOL_CHECKPOINT",
-        help="RUN/checkpoints/: best (one file, the best epoch), every-epoch, or none. "
-        "The resume point (last-epoch-N.keras) is always kept.",
+    typer.Argument(
+        help="Labelled folder: DATA/<class>/ or DATA/train|validation|test/<class>/.",
+        metavar="DATA",
+        show_default=False,
     ),
 ]
-Monitor = Annotated[
-    str, typer.Option(help="Metric that picks the best epoch and drives early stopping: val_loss, val_accuracy...")
-]
-Patience = Annotated[
-    int, typer.Option(min=0, help="Early stopping: epochs without improvement before stopping (0 = off).")
-]
-MinDelta = Annotated[float, typer.Option(help="Smallest change of --monitor that counts as an improvement.")]
-ClassWeight = Annotated[str, typer.Option(help="none, or balanced: weight classes by n / (classes * count).")]
-Loop = Annotated[
-    str, typer.Option(help="fit (model.fit) or custom (a tf.GradientTape step in tf.function), same callbacks.")
-]
-Deterministic = Annotated[bool, typer.Option("--deterministic", help="Turn on TensorFlow op determinism (slower).")]
-MixedPrecision = Annotated[
-    str, typer.Option(help="auto (on for GPUs with compute capability >= 7.0), on or off (mixed_float16).")
-]
-Layout = Annotated[
-    str,
-    typer.Option(
-        help="How DATA's folders are read: auto, classes (every sub-folder is a class) or splits "
-        "(train/, validation/ or val/, test/ holding class folders; other folders ignored).",
-    ),
+RunOut = Annotated[
+    Path, typer.Option("--out", "-o", help="Run directory to create.", metavar="PATH", show_default=False)
 ]
 TrainResume = Annotated[
     bool,
     typer.Option(
         "--resume",
         help="Continue the run in --out from its last epoch, with its stored config (a larger --epochs extends it).",
+        metavar="",
     ),
 ]
+Members = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Train K models (seeds SEED..SEED+K-1) into RUN/member-1..K as an ensemble.",
+        metavar="INTEGER",
+    ),
+]
+# What a value looks like in --help (a flag shows none).
+METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", bool: ""}
 
 
-def _augment(hflip, vflip, rotation, zoom, shift, shear, crop, contrast, brightness):
-    from cvtool.augment import AugmentConfig
+def _config_parameter(name: str, hint, metadata: dict) -> inspect.Parameter:
+    """The Typer option of one config field (:func:`cvtool.config.option` holds its settings)."""
+    settings = dict(metadata.get("cli", {}))
+    flags = settings.pop("flags", ())  # none: Typer names it after the field (--image-size, --hflip/--no-hflip)
+    resumable = settings.pop("resumable", False)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if len(args) == 1 and type(None) in typing.get_args(hint) else hint
+    info = typer.Option(*flags, help=metadata.get("help"), metavar=METAVARS[base], **settings)
+    annotation = Optional[base] if resumable or base is not hint else base  # noqa: UP045 - Typer reads it
+    default = None if resumable else metadata.get("default")
+    kind = inspect.Parameter.KEYWORD_ONLY
+    return inspect.Parameter(name, kind, default=default, annotation=Annotated[annotation, info])
 
-    return AugmentConfig(hflip, vflip, rotation, zoom, shift, shear, crop, contrast, brightness)
+
+def field_option(cls, name: str):
+    """The Annotated type of config field ``name``, for a command that takes it too (evaluate's --layout)."""
+    return next(_config_parameter(n, t, m) for n, t, m in option_fields(cls) if n == name).annotation
+
+
+def config_options(cls):
+    """Give a command one option per field of the config class ``cls``, after its DATA and --out.
+
+    The command receives their values as one dict, ``options`` (field name -> value; None:
+    not given), for :func:`cvtool.config.from_options`. Usage: ``@config_options(TrainConfig)``.
+    """
+    params = [_config_parameter(n, t, m) for n, t, m in option_fields(cls)]
+
+    def decorate(func):
+        own = list(inspect.signature(func, eval_str=True).parameters.values())
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name != "options"]
+
+        @functools.wraps(func)
+        def command(**kwargs):
+            options = {p.name: kwargs.pop(p.name) for p in params}
+            return func(options=options, **kwargs)
+
+        command.__signature__ = inspect.Signature([*own[:2], *params, *own[2:]])
+        return command
+
+    return decorate
+
+
+def _report_skipped(results) -> None:
+    """Why a training run exits 1: how many unreadable files it skipped, and where they are listed."""
+    from cvtool.trainer import ERRORS_FILE
+
+    skipped = [r for r in results if r.failures]
+    if skipped:
+        n = len(skipped[0].failures)  # every member reads the same DATA
+        where = ", ".join(str(r.run_dir / ERRORS_FILE) for r in skipped)
+        typer.echo(f"{n} file{'s' if n != 1 else ''} skipped: could not be read (see {where})", err=True)
+
+
+Layout = field_option(TrainConfig, "layout")  # evaluate reads DATA the same way
 
 
 @app.command()
 @reports_errors
+@config_options(TrainConfig)
 def train(
     data: DataArg,
     out: RunOut,
-    arch: Annotated[
-        str, typer.Option(help="small-cnn, mobilenet_v2, efficientnet_b0 or resnet50 (from scratch).")
-    ] = "small-cnn",
-    epochs: Annotated[
-        Optional[int], typer.Option(min=1, help="Training epochs (default: 10; with --resume, the run's own).")
-    ] = None,
-    image_size: ImageSize = None,
-    batch_size: TrainBatchSize = 32,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
-    optimizer: Optimizer = "adam",
-    seed: Seed = 42,
-    val_split: ValSplit = 0.2,
-    label_smoothing: LabelSmoothing = 0.0,
-    hflip: Hflip = True,
-    vflip: Vflip = False,
-    rotation: Rotation = 0.0,
-    zoom: Zoom = 0.0,
-    shift: Shift = 0.0,
-    shear: Shear = 0.0,
-    crop: Crop = 0.0,
-    contrast: Contrast = 0.0,
-    brightness: Brightness = 0.0,
-    checkpoint: Checkpoint = "best",
-    monitor: Monitor = "val_loss",
-    patience: Patience = 0,
-    min_delta: MinDelta = 0.0,
-    class_weight: ClassWeight = "none",
-    loop: Loop = "fit",
-    deterministic: Deterministic = False,
-    mixed_precision: MixedPrecision = "auto",
-    layout: Layout = "auto",
+    options: dict,
     resume: TrainResume = False,
-    members: Annotated[
-        int, typer.Option(min=1, help="Train K models (seeds SEED..SEED+K-1) into RUN/member-1..K as an ensemble.")
-    ] = 1,
+    members: Members = 1,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> int:
     """Train a classifier from scratch; writes model.keras, cvtool.json, history, checkpoints/, logs/ into --out."""
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
-    from cvtool.train import TrainConfig
     from cvtool.train import train as run_train
 
-    augment = _augment(hflip, vflip, rotation, zoom, shift, shear, crop, contrast, brightness)
-    cfg = TrainConfig(
-        arch, epochs or 10, image_size, batch_size, lr, optimizer, seed, val_split, label_smoothing, augment,
-        checkpoint, monitor, patience, min_delta, class_weight, loop, deterministic, mixed_precision, layout,
-    )  # fmt: skip
-    if resume:  # the stored config is used; only --epochs can change
-        cfg = None if epochs is None else TrainConfig(epochs=epochs)
+    cfg = from_options(TrainConfig, options, resume)  # --resume: the stored config; only --epochs can change
     if members > 1:
-        from cvtool.ensemble import train_members
+        from cvtool.train import train_members
 
         if resume:
             from cvtool.errors import UsageError
 
             raise UsageError("--resume works on one run; resume each RUN/member-N folder on its own")
-        results = train_members(data, out, cfg, members, overwrite=overwrite, quiet=quiet)
+        results = train_members(data, out, cfg=cfg, members=members, overwrite=overwrite, quiet=quiet)
         typer.echo(f"ensemble of {members} models saved to {out}")
+        _report_skipped(results)
         return 1 if any(r.failures for r in results) else 0
-    result = run_train(data, out, cfg, overwrite=overwrite, quiet=quiet, resume=resume)
+    result = run_train(data, out, cfg=cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
+    _report_skipped([result])
     return 1 if result.failures else 0
 
 
@@ -640,90 +621,23 @@ def gradcam(
 
 @app.command()
 @reports_errors
+@config_options(FinetuneConfig)
 def finetune(
     data: DataArg,
     out: RunOut,
-    backbone: Annotated[
-        str,
-        typer.Option(
-            help="mobilenet_v2, mobilenet_v3_small/large, efficientnet_b0..b3, efficientnetv2_b0, resnet50, vgg16, "
-            "inception_v3, xception, convnext_tiny; or hub:HANDLE_OR_PATH, a TF-Hub image feature vector used as a "
-            "frozen feature extractor (Keras 3 cannot train hub.KerasLayer: only the head is trained).",
-        ),
-    ] = "mobilenet_v2",
-    weights: Annotated[
-        str,
-        typer.Option(
-            help="imagenet (downloaded and cached the Keras way), none (random), or PATH to a weights file of "
-            "the backbone without its top (offline machines).",
-        ),
-    ] = "imagenet",
-    head_epochs: Annotated[int, typer.Option(min=0, help="Phase 1: epochs of the new head, backbone frozen.")] = 5,
-    epochs: Annotated[
-        Optional[int],
-        typer.Option(
-            min=0, help="Phase 2: epochs with the top backbone layers unfrozen (default: 5; with --resume, the run's)."
-        ),
-    ] = None,
-    lr: Annotated[float, typer.Option(help="Learning rate of phase 1 (the head).")] = 1e-3,
-    fine_tune_lr: Annotated[
-        Optional[float], typer.Option(help="Learning rate of phase 2 (default: --lr / 10).", show_default=False)
-    ] = None,
-    unfreeze: Annotated[
-        Optional[int],
-        typer.Option(help="Phase 2 unfreezes the top N backbone layers (default: use --unfreeze-fraction)."),
-    ] = None,
-    unfreeze_fraction: Annotated[float, typer.Option(help="Phase 2 unfreezes this top fraction of layers.")] = 0.25,
-    dropout: Annotated[float, typer.Option(help="Dropout before the softmax head.")] = 0.2,
-    image_size: Annotated[
-        Optional[int], typer.Option(help="Square input side in pixels (default: the backbone's own; 224 for hub).")
-    ] = None,
-    batch_size: TrainBatchSize = 32,
-    optimizer: Optimizer = "adam",
-    seed: Seed = 42,
-    val_split: ValSplit = 0.2,
-    label_smoothing: LabelSmoothing = 0.0,
-    hflip: Hflip = True,
-    vflip: Vflip = False,
-    rotation: Rotation = 0.0,
-    zoom: Zoom = 0.0,
-    shift: Shift = 0.0,
-    shear: Shear = 0.0,
-    crop: Crop = 0.0,
-    contrast: Contrast = 0.0,
-    brightness: Brightness = 0.0,
-    checkpoint: Checkpoint = "best",
-    monitor: Monitor = "val_loss",
-    patience: Patience = 0,
-    min_delta: MinDelta = 0.0,
-    class_weight: ClassWeight = "none",
-    loop: Loop = "fit",
-    deterministic: Deterministic = False,
-    mixed_precision: MixedPrecision = "auto",
-    layout: Layout = "auto",
+    options: dict,
     resume: TrainResume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> int:
     """Transfer learning: train a new head on a frozen pretrained backbone, then fine-tune its top layers."""
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
-    from cvtool.finetune import FinetuneConfig
     from cvtool.finetune import finetune as run_finetune
 
-    augment = _augment(hflip, vflip, rotation, zoom, shift, shear, crop, contrast, brightness)
-    cfg = FinetuneConfig(
-        arch=backbone, epochs=5 if epochs is None else epochs, image_size=image_size, batch_size=batch_size, lr=lr,
-        optimizer=optimizer,
-        seed=seed, val_split=val_split, label_smoothing=label_smoothing, augment=augment, checkpoint=checkpoint,
-        monitor=monitor, patience=patience, min_delta=min_delta, class_weight=class_weight, loop=loop,
-        deterministic=deterministic, mixed_precision=mixed_precision, head_epochs=head_epochs, weights=weights,
-        dropout=dropout, unfreeze=unfreeze, unfreeze_fraction=unfreeze_fraction, fine_tune_lr=fine_tune_lr,
-        layout=layout,
-    )  # fmt: skip
-    if resume:  # the stored config is used; only --epochs can change
-        cfg = None if epochs is None else FinetuneConfig(epochs=epochs)
-    result = run_finetune(data, out, cfg, overwrite=overwrite, quiet=quiet, resume=resume)
+    cfg = from_options(FinetuneConfig, options, resume)  # --resume: the stored config; only --epochs can change
+    result = run_finetune(data, out, cfg=cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
+    _report_skipped([result])
     return 1 if result.failures else 0
 
 

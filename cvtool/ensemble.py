@@ -1,4 +1,6 @@
-"""`cvtool ensemble` and `cvtool train --members K`: several models combined into one prediction.
+"""`cvtool ensemble`: several models combined into one prediction.
+
+`cvtool train --members K` trains such models (:func:`cvtool.train.train_members`).
 
 Members are aligned by class name (same names in another order are fine; a
 different set is refused before any image is read), may have different
@@ -8,17 +10,15 @@ member), and are combined by a rule from :mod:`cvtool.combine`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from cvtool.bundle import META_FILE, Classifier, write_ensemble_manifest
+from cvtool.bundle import Classifier
 from cvtool.combine import check_weights
 from cvtool.errors import UsageError
 from cvtool.images import list_images
 from cvtool.locks import holds_output_lock
 from cvtool.predict import BatchJob, RunResult, Shard, write_predictions
-from cvtool.progress import info
 from cvtool.scoring import Scorer, build_scorer, load_model_sets
 from cvtool.tta import TtaOptions, apply_tta
 
@@ -73,40 +73,3 @@ def ensemble(
         items = list_images(input)
         scorer = ensemble_scorer(models, rule, weights, tta, unsafe_load)
         return write_predictions(scorer, items, job, top_k, batch_size, quiet, "ensemble", input, label_format)
-
-
-@holds_output_lock("out", folder=True)
-def train_members(data: str | Path, out: str | Path, cfg, members: int, overwrite: bool = False, quiet: bool = False):
-    """Train ``members`` models with seeds ``cfg.seed``, ``cfg.seed + 1``... into ``out/member-1..K/``.
-
-    Then writes ``out/cvtool.json`` naming them (rule ``mean``), so ``out`` is a MODEL for
-    predict, tta, ensemble and evaluate. Returns the list of :class:`cvtool.train.TrainResult`.
-    """
-    from cvtool.train import train
-
-    if members < 1:
-        raise UsageError("--members must be at least 1")
-    run_dir = Path(out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError(f"--out {run_dir} is a file; give a folder for the run")
-    if (run_dir / META_FILE).exists() and not overwrite:
-        raise UsageError(f"{run_dir} already holds a trained model; pass --overwrite to replace it")
-    results, names = [], []
-    for i in range(1, members + 1):
-        name = f"member-{i}"
-        member_cfg = dataclasses.replace(cfg, seed=cfg.seed + i - 1)
-        info(f"member {i}/{members} (seed {member_cfg.seed}) -> {run_dir / name}", quiet)
-        results.append(train(data, run_dir / name, member_cfg, overwrite=overwrite, quiet=quiet, exclude=run_dir))
-        names.append(name)
-    from cvtool.bundle import read_meta
-
-    class_names = read_meta(run_dir / names[0])["class_names"]
-    write_ensemble_manifest(
-        run_dir,
-        names,
-        class_names,
-        "mean",
-        {"config": cfg.to_dict(), "members_metrics": {n: r.metrics for n, r in zip(names, results)}},
-    )
-    info(f"ensemble of {members} members saved to {run_dir}", quiet)
-    return results

@@ -23,28 +23,26 @@ trained on them (head phase only; no augmentation). The run directory keeps
 a copy of the SavedModel so ``predict`` needs nothing else.
 
 Everything else (data cache, callbacks, checkpoints, early stopping,
-``--resume``, both loops, run directory) is :mod:`cvtool.train`'s machinery.
+``--resume``, both loops, run directory) is the trainer's, :mod:`cvtool.trainer`.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
+from cvtool.config import HUB_PREFIX, FinetuneConfig
 from cvtool.errors import UnusableError, UsageError
 from cvtool.locks import holds_output_lock
 from cvtool.progress import info
-from cvtool.train import (
+from cvtool.trainer import (
     RunFolder,
-    TrainConfig,
     Trainer,
     TrainingData,
     TrainResult,
-    format_logs,
     load_data,
     open_run,
     precision_scope,
@@ -52,36 +50,8 @@ from cvtool.train import (
     write_run_meta,
 )
 
-HUB_PREFIX = "hub:"
 HUB_IMAGE_SIZE = 224
 HEAD_PHASE, FINE_TUNE_PHASE = "head", "fine-tune"
-
-
-@dataclass
-class FinetuneConfig(TrainConfig):
-    """TrainConfig plus the fine-tuning choices; ``epochs`` is the fine-tune phase's length."""
-
-    arch: str = "mobilenet_v2"  # the backbone: a BACKBONES name or hub:HANDLE_OR_PATH
-    epochs: int = 5
-    head_epochs: int = 5
-    weights: str = "imagenet"  # imagenet | none | PATH
-    dropout: float = 0.2
-    unfreeze: int | None = None  # top N backbone layers; None: use unfreeze_fraction
-    unfreeze_fraction: float = 0.25
-    fine_tune_lr: float | None = None  # None: lr / 10
-
-    @property
-    def backbone(self) -> str:
-        return self.arch
-
-    @property
-    def is_hub(self) -> bool:
-        return self.arch.startswith(HUB_PREFIX)
-
-    @property
-    def pretrained(self) -> bool:
-        """Weights with BatchNorm statistics worth keeping (imagenet or a file), as opposed to none."""
-        return self.weights != "none"
 
 
 def validate_finetune(cfg: FinetuneConfig) -> None:
@@ -176,19 +146,33 @@ def unfreeze_top(model, cfg: FinetuneConfig) -> int:
 def finetune(
     data: str | Path,
     out: str | Path,
+    *,
     cfg: FinetuneConfig | None = None,
     overwrite: bool = False,
     quiet: bool = False,
     resume: bool = False,
 ) -> TrainResult:
-    """Fine-tune ``cfg.arch`` on the labelled folder ``data``; write the run directory ``out``.
+    """Fine-tune ``cfg.arch`` (a pretrained backbone) on the labelled folder ``data``; write the run ``out``.
 
-    ``resume`` continues the run in ``out`` with its stored config; ``cfg`` (optional)
-    only sets the fine-tune phase's epochs.
+    Args:
+        data: DATA/<class>/ or DATA/train|validation|test/<class>/ (``cfg.layout``).
+        out: the run directory, as :func:`cvtool.train.train` writes it.
+        cfg: the options (default: ``FinetuneConfig()``); with ``resume``, only its ``epochs``
+            (the fine-tune phase's) counts.
+        overwrite: replace a run in ``out`` once the new one has saved its first epoch.
+        quiet: no progress lines (warnings still print).
+        resume: continue the run in ``out`` with its stored config.
+
+    Returns:
+        A :class:`cvtool.trainer.TrainResult`.
+
+    Usage: ``finetune("photos/", "runs/ft", cfg=FinetuneConfig(arch="efficientnet_b0", epochs=10))``.
     """
     from cvtool.devices import seed_everything
 
-    run, cfg, state = open_run(out, cfg, FinetuneConfig, "finetune", overwrite, resume, check=validate_finetune)
+    run, cfg, state = open_run(
+        out, cfg, cls=FinetuneConfig, kind="finetune", overwrite=overwrite, resume=resume, check=validate_finetune
+    )
     with run:
         total = cfg.head_epochs + (0 if cfg.is_hub else cfg.epochs)
         if state is not None and state["epoch"] >= total and state.get("phase") != HEAD_PHASE:
@@ -209,8 +193,8 @@ def _finetune_backbone(data, run: RunFolder, cfg: FinetuneConfig, state: dict | 
     with precision_scope(cfg.mixed_precision) as mixed:
         strategy = distribution_strategy()
         info(f"fine-tuning {cfg.arch} (weights {cfg.weights}, {strategy_name(strategy)})", quiet)
-        tdata = load_data(data, cfg, run.path, side, quiet, exclude=run.target)
-        trainer = Trainer(run, cfg, tdata, "finetune", quiet, strategy)
+        tdata = load_data(data, cfg, run_dir=run.path, side=side, quiet=quiet, exclude=run.target)
+        trainer = Trainer(run, cfg, tdata, kind="finetune", quiet=quiet, strategy=strategy)
         trainer.logger.epochs = total
         if state is not None:
             trainer.restore(state)
@@ -244,9 +228,7 @@ def _finetune_backbone(data, run: RunFolder, cfg: FinetuneConfig, state: dict | 
             "phases": {"head_epochs": cfg.head_epochs, "fine_tune_epochs": cfg.epochs, "unfrozen_layers": unfrozen},
         }
         write_run_meta(trainer, data, extra, mixed)
-    metrics = trainer.metrics()
-    info(f"best epoch {metrics['best_epoch']}: " + format_logs(trainer.saver.best_logs), quiet)
-    return TrainResult(run.target, metrics, tdata.failures, model)
+    return trainer.result(model)
 
 
 def _finetune_hub(data, run: RunFolder, cfg: FinetuneConfig, state: dict | None, quiet: bool) -> TrainResult:
@@ -262,7 +244,7 @@ def _finetune_hub(data, run: RunFolder, cfg: FinetuneConfig, state: dict | None,
     with precision_scope("off") as mixed:
         strategy = distribution_strategy()
         info(f"hub feature extractor {handle} (frozen: only the head is trained, no augmentation)", quiet)
-        tdata = load_data(data, cfg, run.path, side, quiet, exclude=run.target)
+        tdata = load_data(data, cfg, run_dir=run.path, side=side, quiet=quiet, exclude=run.target)
         feats = [
             DecodedSet(hub_features(extractor, s.images, cfg.batch_size), s.labels, s.items, s.failures)
             for s in (tdata.train_set, tdata.val_set)
@@ -271,7 +253,7 @@ def _finetune_hub(data, run: RunFolder, cfg: FinetuneConfig, state: dict | None,
         if not tdata.has_val:
             feats[1] = DecodedSet(np.zeros((0, dim), np.float32), feats[1].labels, [], [])
         fdata = TrainingData(tdata.splits, feats[0], feats[1], tdata.image_size, tdata.failures, tdata.class_weights)
-        trainer = Trainer(run, cfg, fdata, "finetune", quiet, strategy)
+        trainer = Trainer(run, cfg, fdata, kind="finetune", quiet=quiet, strategy=strategy)
         trainer.logger.epochs = cfg.head_epochs
         if state is not None:
             trainer.restore(state)
@@ -294,9 +276,7 @@ def _finetune_hub(data, run: RunFolder, cfg: FinetuneConfig, state: dict | None,
             "phases": {"head_epochs": cfg.head_epochs, "fine_tune_epochs": 0, "unfrozen_layers": 0},
         }
         write_run_meta(trainer, data, extra, mixed, preprocessing="pixels / 255, then the hub model")
-    metrics = trainer.metrics()
-    info(f"best epoch {metrics['best_epoch']}: " + format_logs(trainer.saver.best_logs), quiet)
-    return TrainResult(run.target, metrics, tdata.failures, model)
+    return trainer.result(model)
 
 
 def _copy_hub_model(handle: str, dest: Path) -> None:

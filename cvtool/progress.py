@@ -9,19 +9,34 @@ from __future__ import annotations
 import sys
 import time
 
+from cvtool.errors import env_int
+
+LOG_INTERVAL = 10  # seconds between log lines without a terminal; $CVTOOL_LOG_INTERVAL sets it (tests use 0)
+
+
+def log_interval() -> float:
+    """Seconds between progress lines when stderr is not a terminal."""
+    return env_int("CVTOOL_LOG_INTERVAL", LOG_INTERVAL)
+
 
 class Progress:
-    """Counts processed items; use as a context manager."""
+    """Counts processed items (``unit``); use as a context manager.
 
-    def __init__(self, total: int | None, desc: str, quiet: bool = False, interval: float = 10.0):
-        self.total, self.desc, self.quiet, self.interval = total, desc, quiet, interval
+    Without a terminal, one line every :func:`log_interval` seconds.
+    """
+
+    def __init__(
+        self, total: int | None, desc: str, quiet: bool = False, interval: float | None = None, unit: str = "img"
+    ):
+        self.total, self.desc, self.quiet = total, desc, quiet
+        self.interval = log_interval() if interval is None else interval
         self.done = 0
         self._bar = None
         self._start = self._last = time.monotonic()
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
 
     def update(self, n: int = 1) -> None:
         self.done += n

@@ -47,10 +47,11 @@ def colour_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(colour_data, tmp_path_factory) -> Path:
     """A small-cnn run directory trained on ``colour_data`` at 32 px (read-only: copy before changing)."""
-    from cvtool.train import TrainConfig, train
+    from cvtool.config import TrainConfig
+    from cvtool.train import train
 
     run = tmp_path_factory.mktemp("runs") / "colours"
-    train(colour_data, run, TrainConfig(epochs=4, image_size=32, batch_size=8, seed=1), quiet=True)
+    train(colour_data, run, cfg=TrainConfig(epochs=4, image_size=32, batch_size=8, seed=1), quiet=True)
     return run
 
 

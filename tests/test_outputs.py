@@ -237,7 +237,8 @@ def test_combining_refuses_weights_that_are_not_finite_or_that_the_rule_ignores(
 
 
 def test_training_lists_a_broken_file_with_a_latin1_name_in_its_errors_csv(tmp_path):
-    from cvtool.train import TrainConfig, train
+    from cvtool.config import TrainConfig
+    from cvtool.train import train
     from tests.conftest import make_colour_dataset
 
     data = make_colour_dataset(tmp_path / "data", per_class=3)
@@ -245,5 +246,5 @@ def test_training_lists_a_broken_file_with_a_latin1_name_in_its_errors_csv(tmp_p
     os.rename(data / "train" / "red" / "cafe.png", os.fsencode(data / "train" / "red") + b"/caf\xe9.png")
     with open(os.fsencode(data / "train" / "red") + b"/bad\xe9.png", "wb") as f:
         f.write(b"not an image")
-    result = train(data, tmp_path / "run", TrainConfig(epochs=1, image_size=16, batch_size=4), quiet=True)
+    result = train(data, tmp_path / "run", cfg=TrainConfig(epochs=1, image_size=16, batch_size=4), quiet=True)
     assert result.failures and read_rows(tmp_path / "run" / "errors.csv")[0][0] == "red/bad\\xe9.png"

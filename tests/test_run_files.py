@@ -53,12 +53,13 @@ def n_weights(path: Path) -> int:
 @pytest.fixture(scope="module")
 def trained(colour_data, tmp_path_factory):
     """A 2-epoch small-cnn run with every-epoch checkpoints, trained under umask 022; (run dir, final model)."""
-    from cvtool.train import TrainConfig, train
+    from cvtool.config import TrainConfig
+    from cvtool.train import train
 
     run = tmp_path_factory.mktemp("run_files") / "run"
     cfg = TrainConfig(epochs=2, image_size=32, batch_size=8, seed=3, checkpoint="every-epoch")
     with umask(0o022):
-        result = train(colour_data, run, cfg, quiet=True)
+        result = train(colour_data, run, cfg=cfg, quiet=True)
     return run, result.model
 
 

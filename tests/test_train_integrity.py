@@ -49,7 +49,8 @@ def classes_folder(root: Path, names, per_class: int = 3) -> Path:
 
 @pytest.mark.parametrize("loop", ["fit", "custom"])
 def test_recorded_val_loss_and_accuracy_are_the_saved_models_on_the_validation_images(colour_data, tmp_path, loop):
-    from cvtool.train import TrainConfig, train
+    from cvtool.config import TrainConfig
+    from cvtool.train import train
 
     run = tmp_path / "run"
     # Label smoothing and class weights change the training loss only: val_loss is the saved model's
@@ -57,7 +58,7 @@ def test_recorded_val_loss_and_accuracy_are_the_saved_models_on_the_validation_i
     cfg = TrainConfig(
         epochs=4, image_size=32, batch_size=8, seed=2, loop=loop, label_smoothing=0.1, class_weight="balanced"
     )
-    train(colour_data, run, cfg, quiet=True)
+    train(colour_data, run, cfg=cfg, quiet=True)
     recorded = json.loads((run / "cvtool.json").read_text())["metrics"]
     result = cli("evaluate", run, colour_data, "--split", "validation", "--out", tmp_path / "eval", "-q")
     assert result.exit_code == 0, result.output
@@ -70,7 +71,8 @@ def test_recorded_val_loss_and_accuracy_are_the_saved_models_on_the_validation_i
 
 
 def test_recorded_val_loss_counts_confidently_wrong_images_as_evaluate_does(tmp_path):
-    from cvtool.train import TrainConfig, train
+    from cvtool.config import TrainConfig
+    from cvtool.train import train
 
     # Validation images whose folder names the wrong colour: the model is confidently wrong on them
     # (probabilities far below 1e-7), where a loss taken from the logits and evaluate's loss part ways.
@@ -82,7 +84,7 @@ def test_recorded_val_loss_counts_confidently_wrong_images_as_evaluate_does(tmp_
         for i in range(4):
             colour_image(COLOURS[name], seed=5000 + 10 * c + i).save(folder / f"{name}_{i}.png")
     run = tmp_path / "run"
-    train(data, run, TrainConfig(epochs=4, image_size=32, batch_size=8, seed=3, lr=3e-3), quiet=True)
+    train(data, run, cfg=TrainConfig(epochs=4, image_size=32, batch_size=8, seed=3, lr=3e-3), quiet=True)
     recorded = json.loads((run / "cvtool.json").read_text())["metrics"]
     result = cli("evaluate", run, data, "--split", "validation", "--out", tmp_path / "eval", "-q")
     assert result.exit_code == 0, result.output
@@ -124,7 +126,8 @@ def test_finetune_validates_augmentation_too(tmp_path):
 
 
 def test_every_augmentation_at_its_largest_allowed_value_runs():
-    from cvtool.augment import AUGMENT_RANGES, AugmentConfig, build_augmenter, validate_augment
+    from cvtool.augment import AUGMENT_RANGES, build_augmenter, validate_augment
+    from cvtool.config import AugmentConfig
 
     largest = {name: (hi - 1e-6 if not closed else hi) for name, (_, hi, closed) in AUGMENT_RANGES.items()}
     cfg = AugmentConfig(hflip=False, **largest)
@@ -183,14 +186,15 @@ def test_class_folders_in_nfd_and_nfc_are_one_class_named_in_nfc(tmp_path):
 
 
 def test_a_class_whose_files_are_all_unreadable_is_dropped_with_a_warning(tmp_path, capsys):
-    from cvtool.train import TrainConfig, load_data
+    from cvtool.config import TrainConfig
+    from cvtool.trainer import load_data
 
     data = classes_folder(tmp_path / "data", ["a", "b", "c"], per_class=5)
     for path in (data / "b").iterdir():
         path.write_bytes(b"not an image")
     run = tmp_path / "run"
     run.mkdir()
-    tdata = load_data(data, TrainConfig(val_split=0.2), run, 16, quiet=True)
+    tdata = load_data(data, TrainConfig(val_split=0.2), run_dir=run, side=16, quiet=True)
     assert tdata.splits.class_names == ["a", "c"]
     assert tdata.num_classes == 2
     assert sorted(set(tdata.train_set.labels.tolist())) == [0, 1]

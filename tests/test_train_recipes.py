@@ -30,7 +30,7 @@ def checkpoint_epochs(run: Path) -> list[int]:
 
 
 def test_label_smoothing_changes_the_loss_as_expected():
-    from cvtool.train import make_loss
+    from cvtool.trainer import make_loss
 
     y = np.array([[1.0, 0.0, 0.0]], np.float32)
     p = np.array([[0.7, 0.2, 0.1]], np.float32)
@@ -64,14 +64,15 @@ def test_custom_loop_learns_with_label_smoothing_and_writes_logs(colour_data, tm
 def test_early_stopping_stops_and_restores_the_best(colour_data, tmp_path):
     import keras
 
-    from cvtool.train import TrainConfig, train
+    from cvtool.config import TrainConfig
+    from cvtool.train import train
 
     run = tmp_path / "run"
     # A min-delta nothing can beat: epoch 1 is the best, patience 1 stops after epoch 2.
     cfg = TrainConfig(
         epochs=6, image_size=32, batch_size=8, seed=5, patience=1, min_delta=100.0, checkpoint="every-epoch"
     )
-    result = train(colour_data, run, cfg, quiet=True)
+    result = train(colour_data, run, cfg=cfg, quiet=True)
     assert [int(r["epoch"]) for r in read_history(run)] == [1, 2]
     meta = json.loads((run / "cvtool.json").read_text())
     assert meta["training"]["stopped_early_at"] == 2
@@ -85,7 +86,8 @@ def test_early_stopping_stops_and_restores_the_best(colour_data, tmp_path):
 
 
 def test_every_epoch_checkpoints_and_resume_after_kill_9(colour_data, tmp_path):
-    from cvtool.train import TrainConfig, train
+    from cvtool.config import TrainConfig
+    from cvtool.train import train
 
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "cvtool", "train", str(colour_data), "--out", str(run), "--epochs", "200"]
@@ -108,7 +110,7 @@ def test_every_epoch_checkpoints_and_resume_after_kill_9(colour_data, tmp_path):
     before = read_history(run)[:reached]
     assert checkpoint_epochs(run)[:reached] == list(range(1, reached + 1))
 
-    result = train(colour_data, run, TrainConfig(epochs=reached + 1), quiet=True, resume=True)
+    result = train(colour_data, run, cfg=TrainConfig(epochs=reached + 1), quiet=True, resume=True)
     rows = read_history(run)
     assert [int(r["epoch"]) for r in rows] == list(range(1, reached + 2))
     assert rows[:reached] == before  # earlier epochs kept as they were
@@ -128,7 +130,8 @@ def test_resume_needs_an_interrupted_run(colour_data, tmp_path):
 
 
 def test_vertical_flip_shear_and_crop_switches():
-    from cvtool.augment import AugmentConfig, build_augmenter
+    from cvtool.augment import build_augmenter
+    from cvtool.config import AugmentConfig
 
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (32, 16, 16, 3)).astype(np.float32)
@@ -148,7 +151,7 @@ def test_vertical_flip_shear_and_crop_switches():
 
 def test_balanced_class_weights_reach_the_batches():
     from cvtool.data import DecodedSet, training_dataset
-    from cvtool.train import balanced_class_weights
+    from cvtool.trainer import balanced_class_weights
 
     labels = np.array([0] * 6 + [1] * 2, np.int32)
     weights = balanced_class_weights(labels, 2)
