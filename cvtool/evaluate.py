@@ -22,10 +22,11 @@ from cvtool.ensemble import ensemble_scorer
 from cvtool.errors import UnusableError, UsageError
 from cvtool.fonts import text_fonts
 from cvtool.images import InputItem
+from cvtool.inference import prediction_cells, prediction_header, score_batches, top_k_indices
+from cvtool.jobs import ERRORS_HEADER
 from cvtool.locks import holds_output_lock
 from cvtool.metrics import rank_accuracy, summarise, true_class_rank
 from cvtool.outputs import CsvWriter, check_writable, path_cell, save_figure, write_csv, write_json
-from cvtool.predict import ERRORS_HEADER, prediction_cells, prediction_header, score_batches, top_k_indices
 from cvtool.progress import Progress, warn
 from cvtool.scoring import Scorer
 from cvtool.tta import TtaOptions, view_index
@@ -280,15 +281,18 @@ def _find_labelled_file(rel: str, root: Path, bases: Sequence[Path]) -> tuple[Pa
     return None, f"file not found in the data folder{where}"
 
 
-@holds_output_lock("out_dir", folder=True)
+@holds_output_lock("out", folder=True)
 def evaluate(
     model: str | Path | Classifier | Sequence[str | Path | Classifier],
     data: str | Path,
-    out_dir: str | Path,
+    out: str | Path,
+    *,
     labels: str | Path | None = None,
     path_column: str = "path",
     label_column: str = "label",
+    delimiter: str | None = None,
     split: str = "auto",
+    layout: str = "auto",
     ranks: tuple[int, ...] = DEFAULT_RANKS,
     top_k: int = 3,
     batch_size: int = 32,
@@ -299,20 +303,39 @@ def evaluate(
     tta: TtaOptions | None = None,
     rule: str | None = None,
     rule_weights: Sequence[float] | None = None,
-    delimiter: str | None = None,
-    layout: str = "auto",
 ) -> EvalResult:
-    """Evaluate a model on a labelled folder (or a flat folder plus a labels CSV); write reports to ``out_dir``.
+    """Evaluate a model on a labelled folder (or a flat folder plus a labels CSV); write reports to ``out``.
 
-    Several models (or an ensemble run directory) are combined by ``rule`` (``rule_weights`` for the
-    weighted rule); with them or with ``tta``, ``metrics.json`` also compares each member alone, the
-    combination and the TTA gain side by side. ``weights`` is a local weights file for an
-    ``imagenet:NAME`` model. ``delimiter`` is the labels CSV's field delimiter (default: detected).
-    ``layout`` says how DATA's folders are read (auto, classes, splits).
+    Several models (or an ensemble run directory) are combined by ``rule``; with them or with ``tta``,
+    ``metrics.json`` also compares each member alone, the combination and the TTA gain side by side.
     An evaluation in which no image could be scored is refused (:class:`UnusableError`, exit 3)
     rather than reported as accuracy 0; its ``errors.csv`` says why.
+
+    Args:
+        model: a run directory, ``.keras`` file, ``imagenet:NAME`` or classifier, or a list of them.
+        data: a labelled folder (class folders, or train/validation/test splits), or with ``labels``
+            any folder of images.
+        out: the report folder (metrics.json, confusion matrices, predictions, misclassified, errors).
+        labels: a CSV of paths (relative to ``data``, else to its own folder) and labels.
+        path_column: the path column of ``labels``.
+        label_column: the label column of ``labels`` (class names, WordNet ids or numeric ids).
+        delimiter: the field delimiter of ``labels`` (default: detected from its header).
+        split: ``auto`` (test/, else validation/, else all), ``test``, ``validation``, ``train`` or ``all``.
+        layout: how ``data``'s folders are read (auto, classes, splits).
+        ranks: the N of rank-N (top-N) accuracy.
+        top_k: classes per row of predictions.csv.
+        batch_size: images per batch.
+        overwrite: replace existing reports.
+        quiet: no progress bar or log lines.
+        unsafe_load: allow models with Lambda layers or custom code.
+        weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
+        tta: also score the TTA views (which must include identity) and report the gain.
+        rule: how several models are combined; None: mean, or a single ensemble run's own rule.
+        rule_weights: the weighted rule's weights, one per model.
+
+    Example: ``evaluate("runs/clothes", "photos/", "reports/", ranks=(1, 5)).metrics["accuracy"]``.
     """
-    data, out_dir = Path(data), Path(out_dir)
+    data, out_dir = Path(data), Path(out)
     if not data.is_dir():
         raise UsageError(f"data folder not found: {data}")
     if labels is not None and not Path(labels).is_file():
@@ -327,7 +350,9 @@ def evaluate(
         check_weights(rule, rule_weights)  # before loading the models
     check_writable(out_dir / METRICS_FILE, overwrite)
     models = list(model) if isinstance(model, (list, tuple)) else [model]
-    scorer = ensemble_scorer(models, rule, rule_weights, tta, unsafe_load, model_weights=weights)
+    scorer = ensemble_scorer(
+        models, rule=rule, rule_weights=rule_weights, tta=tta, unsafe_load=unsafe_load, weights=weights
+    )
     names = scorer.class_names
     wnids = scorer.members[0].classifier.meta.get("wnids")
     comparing = len(scorer.members) > 1 or tta is not None

@@ -1,7 +1,7 @@
 """From decoded images to class probabilities: one model, TTA views, or an ensemble of models.
 
 A :class:`Scorer` is the one thing predict, tta, ensemble and evaluate run in
-their shared loop (:func:`cvtool.predict.classify_batches`):
+their shared loop (:mod:`cvtool.inference`):
 
 - :meth:`Scorer.decode` runs in the decode threads: it opens each image once
   per member input size (with that size's JPEG draft scale, so each member sees

@@ -21,8 +21,9 @@ from cvtool import combine
 from cvtool.bundle import Classifier
 from cvtool.errors import UsageError
 from cvtool.images import list_images, resize
+from cvtool.inference import write_predictions
+from cvtool.jobs import BatchJob, RunResult, Shard
 from cvtool.locks import holds_output_lock
-from cvtool.predict import BatchJob, RunResult, Shard, write_predictions
 from cvtool.scoring import Scorer, load_scorer
 
 # Measured on clothing-small validation with default-recipe models (bench/tta_views.py, README): a flip helps,
@@ -172,24 +173,51 @@ def tta(
     model: str | Path | Classifier,
     input: str | Path,
     out: str | Path,
+    *,
     options: TtaOptions | None = None,
     top_k: int = 3,
     batch_size: int = 32,
     overwrite: bool = False,
     quiet: bool = False,
     unsafe_load: bool = False,
+    label_format: str = "name",
+    weights: str | Path | None = None,
     resume: bool = False,
     shard: str | Shard | None = None,
-    weights: str | Path | None = None,
-    label_format: str = "name",
 ) -> RunResult:
-    """Write predictions averaged (``options.reduce``) over the TTA views of every image under ``input``.
+    """Write predictions reduced (``options.reduce``) over the TTA views of every image under ``input``.
 
-    Same CSV, errors CSV, exit codes, ``resume`` and ``shard`` as predict. ``batch_size`` counts images
-    (each brings its views).
+    Same CSV, errors CSV, exit codes, ``resume`` and ``shard`` as :func:`cvtool.predict.predict`.
+
+    Args:
+        model: a run directory, a ``.keras`` file, ``imagenet:NAME``, an ensemble run directory, or a classifier.
+        input: an image file, or a folder searched recursively.
+        out: the predictions CSV to write.
+        options: which views and how they are reduced (default: identity and hflip, mean).
+        top_k: classes per row (capped at the class count).
+        batch_size: images per batch (each brings its views).
+        overwrite: replace an existing ``out``.
+        quiet: no progress bar or log lines.
+        unsafe_load: allow models with Lambda layers or custom code.
+        label_format: ``name``, ``wnid`` or ``both``, for ``imagenet:NAME`` models.
+        weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
+        resume: continue an interrupted run from ``out``'s partial files.
+        shard: ``"K/N"``: do only shard K of ``input``.
+
+    Example: ``tta("runs/clothes", "incoming/", "preds.csv", options=TtaOptions(transforms=("identity", "crop")))``.
     """
     options = options or TtaOptions()
     with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard) as job:
         items = list_images(input)
         scorer = apply_tta(load_scorer(model, unsafe=unsafe_load, weights=weights), options)
-        return write_predictions(scorer, items, job, top_k, batch_size, quiet, "tta", input, label_format)
+        return write_predictions(
+            scorer,
+            items,
+            job,
+            command="tta",
+            top_k=top_k,
+            batch_size=batch_size,
+            quiet=quiet,
+            input=input,
+            label_format=label_format,
+        )

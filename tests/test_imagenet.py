@@ -329,7 +329,15 @@ def test_evaluate_takes_wordnet_ids_and_names_in_labels_csv(imagenet_classifier,
             writer.writerow([rel, wnid if i % 2 else name])  # the model's own top-1: ids and names mixed
         writer.writerow(["img0.png", "crane"])  # two ImageNet classes are called "crane"
     result = evaluate(
-        imagenet_classifier, photos, tmp_path / "report", labels, "file", "synset", top_k=1, ranks=(1, 5), quiet=True
+        imagenet_classifier,
+        photos,
+        tmp_path / "report",
+        labels=labels,
+        path_column="file",
+        label_column="synset",
+        top_k=1,
+        ranks=(1, 5),
+        quiet=True,
     )
     assert result.metrics["samples"] == len(expected) and result.metrics["accuracy"] == 1.0
     assert result.failed == 1 and result.exit_code == 1

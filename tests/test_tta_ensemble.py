@@ -138,7 +138,7 @@ def test_ensemble_scores_equal_the_rule_applied_to_members_predictions(
     if rule == "geometric":
         # The CSV rounds scores to 6 decimals: the trained model's near-zero scores would make log() meaningless.
         loaded, member_preds = loaded[1:], member_preds[1:]
-    result = ensemble(loaded, colour_data / "validation", out, rule, weights, top_k=3, quiet=True)
+    result = ensemble(loaded, colour_data / "validation", out, rule=rule, rule_weights=weights, top_k=3, quiet=True)
     assert result.exit_code == 0 and result.processed == 36
     rows = read_csv(out)
     assert list(rows[0]) == ["path", "label", "score", "label_2", "score_2", "label_3", "score_3"]
@@ -328,5 +328,5 @@ def test_ensemble_members_of_other_sizes_see_predicts_pixels_on_full_size_jpegs(
     for i, m in enumerate(loaded):
         predict(m, photos, tmp_path / f"{i}.csv", top_k=3, quiet=True)
         alone.append(as_matrix(probs_by_path(tmp_path / f"{i}.csv")))
-    ensemble(loaded, photos, tmp_path / "ens.csv", "mean", None, top_k=3, quiet=True)
+    ensemble(loaded, photos, tmp_path / "ens.csv", rule="mean", top_k=3, quiet=True)
     np.testing.assert_allclose(as_matrix(probs_by_path(tmp_path / "ens.csv")), np.mean(alone, axis=0), atol=2e-5)
