@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from cvtool import __version__
+from cvtool.cam import METHODS as CAM_METHODS
 from cvtool.classmap import DEFAULT_MODEL as DEFAULT_SEGMENT_MODEL
 from cvtool.errors import EXIT_UNUSABLE, EXIT_USAGE, CvtoolError
+from cvtool.imagenet import LABEL_FORMATS
+from cvtool.rules import ENSEMBLE_RULES, VIEW_REDUCERS
+from cvtool.tta import DEFAULT_TRANSFORMS, TRANSFORMS
 
 COMMAND_ORDER = ("train", "finetune", "predict", "tta", "ensemble", "evaluate", "gradcam", "segment", "merge", "models")
 
@@ -28,6 +32,46 @@ class _CommandsInWorkflowOrder(TyperGroup):
     def list_commands(self, ctx) -> list[str]:
         names = super().list_commands(ctx)
         return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
+
+# Plain metavars in --help: a flag shows no value placeholder, a value shows an upper-case word (INTEGER,
+# PATH, TEXT or its own metavar), arguments their name (MODEL, INPUT, DATA), the usage line plain names.
+_TYPE_METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH"}
+
+
+class _PlainOption(TyperOption):
+    def display_type_rich(self, ctx) -> str | None:
+        if self.is_flag:
+            return None
+        if self.metavar is not None:
+            return self.metavar
+        return _TYPE_METAVARS.get(self.type_descriptor.annotation, "TEXT")
+
+
+class _PlainArgument(TyperArgument):
+    @property
+    def display_name_raw(self) -> str:
+        return self.metavar or self.name.upper()
+
+    def display_type_rich(self, ctx) -> str | None:
+        return None  # the name column already says MODEL, INPUT...
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw + ("..." if self.nargs != 1 else "")
+        return name if self.required else f"[{name}]"
+
+
+class _PlainHelpCommand(TyperCommand):
+    """A command whose --help shows plain metavars (Typer's own shows ``<bool>``, ``{MODEL}``, ``data``)."""
+
+    def get_params(self, ctx) -> list:
+        params = super().get_params(ctx)
+        for p in params:  # Typer builds its own parameter classes: give them the plain display
+            if type(p) is TyperOption:
+                p.__class__ = _PlainOption
+            elif type(p) is TyperArgument:
+                p.__class__ = _PlainArgument
+        return params
 
 
 app = typer.Typer(
@@ -102,36 +146,33 @@ ImagenetWeights = Annotated[
 ]
 LabelFormat = Annotated[
     str,
-    typer.Option("--label-format", help="CSV labels of imagenet:NAME models: name, wnid or both."),
+    typer.Option("--label-format", help=f"CSV labels of imagenet:NAME models: {LABEL_FORMATS.described()}."),
 ]
 InputArg = Annotated[
     Path, typer.Argument(help="Image file, or folder searched recursively.", metavar="INPUT", show_default=False)
 ]
 
 
+# The TTA, rule and CAM choices and their help are read from their registries (cvtool.registry).
 Transforms = Annotated[
     str,
-    typer.Option(
-        envvar="CVTOOL_TTA_TRANSFORMS",
-        help="TTA views, comma list of identity, hflip, vflip, rot90, crop (5 crops), scale, brightness (random).",
-    ),
+    typer.Option(envvar="CVTOOL_TTA_TRANSFORMS", help=f"TTA views, a comma list of: {TRANSFORMS.described()}."),
 ]
-# cvtool.tta.DEFAULT_TRANSFORMS as the command line writes it (cvtool.tta is not imported for --help).
-TTA_DEFAULT = "identity,hflip"
-Reduce = Annotated[str, typer.Option(help="How TTA views are combined per image: mean, max or vote.")]
+TTA_DEFAULT = ",".join(DEFAULT_TRANSFORMS)
+Reduce = Annotated[str, typer.Option(help=f"How the TTA views of an image are reduced: {VIEW_REDUCERS.described()}.")]
 CropScale = Annotated[float, typer.Option(help="Side of the TTA crops, fraction of the image (smallest for scale).")]
 Copies = Annotated[int, typer.Option(min=1, help="Random copies per jitter transform (scale, brightness).")]
 TtaSeed = Annotated[int, typer.Option("--seed", help="Seed of the random TTA views.")]
-Rule = Annotated[str, typer.Option(help="How models are combined: mean, weighted, vote or geometric.")]
+Rule = Annotated[str, typer.Option(help=f"How models are combined: {ENSEMBLE_RULES.described()}.")]
 RuleWeights = Annotated[
     str,
     typer.Option(
-        "--weights",
         "--rule-weights",
         help="Weights of the weighted rule, one per model (e.g. 0.5,0.3,0.2).",
         show_default="none",
     ),
 ]
+Method = Annotated[str, typer.Option(help=f"CAM method: {CAM_METHODS.described()}.")]
 
 
 def version_callback(value: bool) -> None:
@@ -410,18 +451,16 @@ def evaluate(
     copies: Copies = 2,
     tta_seed: TtaSeed = 0,
     rule: Rule = "mean",
-    rule_weights: Annotated[
-        str, typer.Option("--rule-weights", help="Weights of the weighted rule, one per model (e.g. 0.5,0.3,0.2).")
-    ] = "",
+    rule_weights: RuleWeights = "",
 ) -> int:
     """Accuracy, rank-N accuracy, per-class precision/recall/F1 and a confusion matrix.
 
     Several MODELs (or an ensemble run) are combined by --rule and compared side by side with each member alone;
     --tta adds the TTA views and reports the gain.
     """
-    from cvtool.combine import parse_weights
     from cvtool.errors import UsageError
     from cvtool.evaluate import evaluate as run_evaluate
+    from cvtool.rules import parse_weights
 
     try:
         ranks = tuple(int(r) for r in rank.split(",") if r.strip())
@@ -451,6 +490,9 @@ def evaluate(
         delimiter=delimiter,
         layout=layout,
     )
+    from cvtool.evaluate import format_summary
+
+    typer.echo(format_summary(result.metrics))  # the answer: printed with --quiet too, which silences progress
     _report(result.processed, result.failed, result.out_dir / "metrics.json", result.out_dir / "errors.csv", quiet)
     return result.exit_code
 
@@ -591,7 +633,7 @@ def gradcam(
         Optional[str],
         typer.Option(help="Target layer name (or backbone/NAME) (default: last layer with a 4-D output)"),
     ] = None,
-    method: Annotated[str, typer.Option(help="gradcam, gradcam++ or guided.")] = "gradcam",
+    method: Method = "gradcam",
     colormap: Annotated[str, typer.Option(help="OpenCV colour map name (jet, viridis, inferno, turbo...).")] = "jet",
     alpha: Annotated[float, typer.Option(help="Heatmap weight in the overlay, 0 to 1.")] = 0.5,
     layout: Annotated[str, typer.Option(help="overlay, or panel (original | heatmap | overlay).")] = "overlay",
@@ -775,17 +817,20 @@ def tta(
 @reports_errors
 def ensemble(
     models: Annotated[
-        list[str],
+        Optional[list[str]],
         typer.Argument(
-            help="Run directories or .keras files (an ensemble run adds its members).",
+            help="Run directories, .keras files or imagenet:NAME (an ensemble run adds its members).",
             show_default=False,
             metavar="MODEL",
         ),
-    ],
-    input: Annotated[Path, typer.Option("--input", "-i", help="Image file, or folder searched recursively.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)],
+    ] = None,
+    input: Annotated[
+        Optional[Path],
+        typer.Argument(help="Image file, or folder searched recursively (the last argument).", show_default=False),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)] = ...,
     rule: Rule = "mean",
-    weights: RuleWeights = "",
+    rule_weights: RuleWeights = "",
     use_tta: Annotated[bool, typer.Option("--tta", help="Apply the TTA views to every member.")] = False,
     transforms: Transforms = TTA_DEFAULT,
     reduce: Reduce = "mean",
@@ -797,33 +842,67 @@ def ensemble(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     unsafe_load: UnsafeLoad = False,
+    weights: Annotated[
+        Optional[str],
+        typer.Option(
+            "--weights",
+            help="For imagenet:NAME members: a local weights file (one such member) or a folder of NAME.h5 files. "
+            "Default: $CVTOOL_IMAGENET_WEIGHTS, else Keras' download cache.",
+            show_default=False,
+        ),
+    ] = None,
     resume: Resume = False,
     shard: ShardOpt = "",
     label_format: LabelFormat = "name",
+    old_input: Annotated[Optional[Path], typer.Option("--input", "-i", hidden=True)] = None,
 ) -> int:
-    """Combine several models' predictions (classes aligned by name); predict's CSV format."""
-    from cvtool.combine import parse_weights
-    from cvtool.ensemble import ensemble as run_ensemble
+    """Combine several models' predictions (classes aligned by name); predict's CSV format.
 
+    Usage: cvtool ensemble MODEL... INPUT --out CSV (the last argument is INPUT, as in every command).
+    """
+    from cvtool.ensemble import ensemble as run_ensemble
+    from cvtool.errors import UsageError
+    from cvtool.progress import warn
+    from cvtool.rules import parse_weights
+
+    models = list(models or [])
+    if old_input is not None:  # deprecated spelling: every argument is a MODEL
+        warn("ensemble --input is deprecated and will be removed; give INPUT as the last argument")
+        models += [str(input)] if input is not None else []
+        input = old_input
+    if input is None or not models:
+        raise UsageError("give MODEL... and then INPUT (cvtool ensemble MODEL... INPUT --out CSV)")
+    if weights is not None and _is_number_list(weights):  # deprecated spelling of --rule-weights
+        warn("ensemble --weights N,N... is deprecated; use --rule-weights (--weights names ImageNet weights)")
+        rule_weights, weights = rule_weights or weights, None
     options = _tta_options(transforms, reduce, crop_scale, copies, seed) if use_tta else None
     result = run_ensemble(
         models,
         input,
         out,
         rule=rule,
-        rule_weights=parse_weights(weights),
+        rule_weights=parse_weights(rule_weights),
         tta=options,
         top_k=top_k,
         batch_size=batch_size,
         overwrite=overwrite,
         quiet=quiet,
         unsafe_load=unsafe_load,
+        weights=weights,
         label_format=label_format,
         resume=resume,
         shard=shard,
     )
     _report(result.processed, result.failed, result.out, result.errors, quiet)
     return result.exit_code
+
+
+def _is_number_list(text: str) -> bool:
+    """Is ``text`` a comma list of numbers (old ``ensemble --weights 0.5,0.5``) rather than a path?"""
+    try:
+        return bool([float(w) for w in text.split(",") if w.strip()]) and not Path(text).exists()
+    except ValueError:
+        return False
 
 
 def _tta_options(transforms: str, reduce: str, crop_scale: float, copies: int, seed: int):
@@ -837,6 +916,11 @@ def _report(processed: int, failed: int, out: Path, errors: Path, quiet: bool) -
         typer.echo(f"{processed} images done, {failed} failed (see {errors}); wrote {out}", err=True)
     elif not quiet:
         typer.echo(f"{processed} images done; wrote {out}", err=True)
+
+
+for _command in app.registered_commands:  # every command, whoever declared it, gets the plain --help
+    if _command.cls in (None, TyperCommand):
+        _command.cls = _PlainHelpCommand
 
 
 def main() -> None:

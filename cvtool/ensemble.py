@@ -3,7 +3,7 @@
 Members are aligned by class name (same names in another order are fine; a
 different set is refused before any image is read), may have different
 input sizes and preprocessing (each image is decoded once and resized per
-member), and are combined by a rule from :mod:`cvtool.combine`.
+member), and are combined by a rule from :mod:`cvtool.rules`.
 """
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cvtool.bundle import META_FILE, Classifier, write_ensemble_manifest
-from cvtool.combine import check_weights
 from cvtool.errors import UsageError
 from cvtool.images import list_images
 from cvtool.inference import write_predictions
 from cvtool.jobs import BatchJob, RunResult, Shard
 from cvtool.locks import holds_output_lock
 from cvtool.progress import info
+from cvtool.rules import ENSEMBLE_RULES, check_weights
 from cvtool.scoring import Scorer, build_scorer, load_model_sets
 from cvtool.tta import TtaOptions, apply_tta
-
-RULES = ("mean", "weighted", "vote", "geometric")
 
 
 def ensemble_scorer(
@@ -44,13 +42,14 @@ def ensemble_scorer(
         rule_weights: the weighted rule's weights, one per member.
         tta: score the TTA views of every image with every member.
         unsafe_load: allow models with Lambda layers or custom code.
-        weights: a local weights file for a single ``imagenet:NAME`` model.
+        weights: for ``imagenet:NAME`` models: a local weights file (one such model) or a folder of
+            ``NAME.h5`` files.
 
     Example: ``ensemble_scorer(["runs/a", "runs/b"], rule="weighted", rule_weights=[2, 1])``.
     """
     if not models:
         raise UsageError("give at least one MODEL")
-    scorer = build_scorer(load_model_sets(models, unsafe_load, weights), rule, rule_weights, RULES)
+    scorer = build_scorer(load_model_sets(models, unsafe_load, weights), rule, rule_weights)
     return apply_tta(scorer, tta) if tta is not None else scorer
 
 
@@ -68,6 +67,7 @@ def ensemble(
     overwrite: bool = False,
     quiet: bool = False,
     unsafe_load: bool = False,
+    weights: str | Path | None = None,
     label_format: str = "name",
     resume: bool = False,
     shard: str | Shard | None = None,
@@ -79,7 +79,7 @@ def ensemble(
             ensemble run directory adds all its members.
         input: an image file, or a folder searched recursively.
         out: the predictions CSV to write.
-        rule: how members are combined (see :data:`cvtool.combine.ENSEMBLE_RULES`); None: a single
+        rule: how members are combined (see :data:`cvtool.rules.ENSEMBLE_RULES`); None: a single
             ensemble run's own rule.
         rule_weights: the weighted rule's weights, one per member.
         tta: also score the TTA views of every image with every member.
@@ -88,19 +88,22 @@ def ensemble(
         overwrite: replace an existing ``out``.
         quiet: no progress bar or log lines.
         unsafe_load: allow models with Lambda layers or custom code.
+        weights: for ``imagenet:NAME`` members: a local weights file (one such member) or a folder of
+            ``NAME.h5`` files.
         label_format: ``name``, ``wnid`` or ``both``, for ``imagenet:NAME`` models.
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
 
     Example: ``ensemble(["runs/a", "runs/b"], "incoming/", "preds.csv", rule="geometric")``.
     """
-    if rule is not None and rule not in RULES:
-        raise UsageError(f"unknown --rule {rule!r}; choose from {', '.join(RULES)}")
     if rule is not None:
+        ENSEMBLE_RULES.entry(rule)  # an unknown rule is refused before anything is loaded
         check_weights(rule, rule_weights)  # before loading the models (their count is checked once they are loaded)
     with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard) as job:
         items = list_images(input)
-        scorer = ensemble_scorer(models, rule=rule, rule_weights=rule_weights, tta=tta, unsafe_load=unsafe_load)
+        scorer = ensemble_scorer(
+            models, rule=rule, rule_weights=rule_weights, tta=tta, unsafe_load=unsafe_load, weights=weights
+        )
         return write_predictions(
             scorer,
             items,

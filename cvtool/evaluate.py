@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import io
 import os
-import sys
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ import numpy as np
 
 from cvtool.batches import Failure
 from cvtool.bundle import Classifier
-from cvtool.combine import check_weights
 from cvtool.data import LAYOUTS, LabelledSet, read_class_folders, split_dirs
 from cvtool.ensemble import ensemble_scorer
 from cvtool.errors import UnusableError, UsageError
@@ -26,8 +24,9 @@ from cvtool.inference import prediction_cells, prediction_header, score_batches,
 from cvtool.jobs import ERRORS_HEADER
 from cvtool.locks import holds_output_lock
 from cvtool.metrics import rank_accuracy, summarise, true_class_rank
-from cvtool.outputs import CsvWriter, check_writable, path_cell, save_figure, write_csv, write_json
+from cvtool.outputs import CsvWriter, cell_path, path_cell, save_figure, write_csv, write_json
 from cvtool.progress import Progress, warn
+from cvtool.rules import ENSEMBLE_RULES, check_weights
 from cvtool.scoring import Scorer
 from cvtool.tta import TtaOptions, view_index
 
@@ -235,7 +234,7 @@ def labelled_from_csv(
         if not rel:
             failures.append(Failure(InputItem(data, ""), f"line {line}: the {path_column} cell is empty"))
             continue
-        path, reason = _find_labelled_file(rel, root, bases)
+        path, reason, rel = _find_labelled_file(rel, root, bases)
         item = InputItem(path if path is not None else data / rel, rel)
         if path is None:
             failures.append(Failure(item, reason))
@@ -264,21 +263,27 @@ def labelled_from_csv(
     return out, failures
 
 
-def _find_labelled_file(rel: str, root: Path, bases: Sequence[Path]) -> tuple[Path | None, str]:
-    """(the file a labels-CSV path names, or None and why): under DATA, else under the labels file's folder."""
-    forms = list(dict.fromkeys((rel, _nfc(rel), unicodedata.normalize("NFD", rel))))
-    outside = not (bases[0] / rel).resolve().is_relative_to(root)
+def _find_labelled_file(rel: str, root: Path, bases: Sequence[Path]) -> tuple[Path | None, str, str]:
+    """(the file a labels-CSV path names, or None and why; the path as outputs write it).
+
+    Looked up under DATA, else under the labels file's folder. A cell written by cvtool
+    (:func:`cvtool.outputs.path_cell`: ``caf\\xe9.jpg`` for a name that is not UTF-8) names the file
+    it was written for, so a predictions CSV can serve as labels; the cell as written is tried first.
+    """
+    decoded = cell_path(rel)
+    forms = list(dict.fromkeys((rel, decoded, _nfc(rel), unicodedata.normalize("NFD", rel))))
+    outside = not (bases[0] / decoded).resolve().is_relative_to(root)
     for base in bases:
         for form in forms:
             path = base / form
             if os.path.lexists(path):
                 if path.resolve().is_relative_to(root):
-                    return path, ""
+                    return path, "", decoded if form == decoded else rel
                 outside = True
     if outside:
-        return None, "path is outside the data folder; refused"
+        return None, "path is outside the data folder; refused", decoded
     where = " or the labels file's folder" if len(bases) > 1 else ""
-    return None, f"file not found in the data folder{where}"
+    return None, f"file not found in the data folder{where}", decoded
 
 
 @holds_output_lock("out", folder=True)
@@ -346,9 +351,11 @@ def evaluate(
         raise UsageError("--rank values must be at least 1")
     if tta is not None and "identity" not in tta.transforms:
         raise UsageError("evaluate --tta needs identity among --transforms, to measure the gain over plain predictions")
-    if rule is not None:
-        check_weights(rule, rule_weights)  # before loading the models
-    check_writable(out_dir / METRICS_FILE, overwrite)
+    if rule is not None:  # before loading the models
+        ENSEMBLE_RULES.entry(rule)
+        check_weights(rule, rule_weights)
+    if (out_dir / METRICS_FILE).exists() and not overwrite:  # the folder itself is made when work starts
+        raise UsageError(f"{out_dir / METRICS_FILE} already exists; pass --overwrite to replace it")
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     scorer = ensemble_scorer(
         models, rule=rule, rule_weights=rule_weights, tta=tta, unsafe_load=unsafe_load, weights=weights
@@ -422,8 +429,6 @@ def evaluate(
     cm_shown, names_shown = cm[np.ix_(keep, keep)], [names[i] for i in keep]
     plot_confusion(cm_shown, names_shown, out_dir / "confusion_matrix.png", normalise=False)
     plot_confusion(cm_shown, names_shown, out_dir / "confusion_matrix_normalized.png", normalise=True)
-    if not quiet:
-        print(format_summary(metrics), file=sys.stdout)
     return EvalResult(metrics, len(y_true), len(failures), out_dir)
 
 

@@ -278,7 +278,6 @@ class BatchJob:
         if has_partial and not resume:
             for p in (*self.parts, self.inputs_record):
                 p.unlink(missing_ok=True)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
 
     def open(self, items: Sequence[InputItem], header: Sequence[str], identity: dict) -> list[InputItem]:
         """Start (or continue) the job; returns the inputs still to do, in input order.
@@ -286,6 +285,9 @@ class BatchJob:
         ``identity``: "command", "model" (a fingerprint) and "settings" (every option that
         changes a row) - what a resumed partial and merged shards must agree on.
         """
+        # The output folder is made when work starts: a run refused earlier (a model that does not load)
+        # leaves no empty --out folder behind.
+        self.out.parent.mkdir(parents=True, exist_ok=True)
         identity = {**identity, "header": list(header), "shard": str(self.shard) if self.shard else None}
         identity = json.loads(json.dumps(identity))  # as the sidecar holds it (tuples become lists)
         mine = take_shard(items, self.shard)

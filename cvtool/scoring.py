@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cvtool import combine
+from cvtool import rules
 from cvtool.bundle import Classifier, ModelSet, load_models
-from cvtool.errors import UnusableError
+from cvtool.errors import UnusableError, UsageError
 from cvtool.images import InputItem, open_rgb_sizes, resize
 
 # views(image, (height, width), rng) -> list of uint8 HxWx3 arrays, the same number for every image.
@@ -58,8 +58,8 @@ class Scorer:
     members: list[Member]
     class_names: list[str]
     views: Views = plain_view
-    reduce_views: combine.Rule = combine.mean
-    rule: combine.Rule = combine.mean
+    reduce_views: rules.Rule = rules.mean
+    rule: rules.Rule = rules.mean
     rule_name: str = "mean"
     rule_weights: list[float] | None = None  # the weighted rule's, one per member
     seed: int = 0
@@ -147,16 +147,36 @@ def align(classifiers: Sequence[Classifier]) -> list[Member]:
 def load_model_sets(
     specs: Sequence[str | Path | Classifier], unsafe: bool = False, weights: str | Path | None = None
 ) -> list[ModelSet]:
-    """Load every MODEL argument; ``weights`` (a local file for ``imagenet:NAME``) only with a single model."""
-    if weights is not None and len(specs) != 1:
-        from cvtool.errors import UsageError
+    """Load every MODEL argument; ``weights`` is for the ``imagenet:NAME`` ones.
 
-        raise UsageError(
-            "--weights names one model's weights file; for several imagenet: models use a folder in "
-            "CVTOOL_IMAGENET_WEIGHTS"
-        )
+    With one MODEL it is that model's weights file (or folder). With several, it goes to each
+    ``imagenet:NAME`` model and must be a folder of ``NAME.h5`` files when there are several of those.
+
+    Args:
+        specs: run directories, ``.keras`` files, ``imagenet:NAME`` names or loaded classifiers.
+        unsafe: allow models with Lambda layers or custom code.
+        weights: a local weights file or folder for ``imagenet:NAME`` models.
+
+    Example: ``load_model_sets(["imagenet:resnet50", "imagenet:vgg16"], weights="weights/")``.
+    """
+    from cvtool.imagenet import is_imagenet_spec
+
+    def takes_weights(spec) -> bool:
+        return len(specs) == 1 or (not isinstance(spec, Classifier) and is_imagenet_spec(spec))
+
+    if weights is not None and len(specs) > 1:
+        if not any(takes_weights(s) for s in specs):
+            raise UsageError("--weights is for imagenet:NAME models; none of the MODELs is one")
+        if sum(takes_weights(s) for s in specs) > 1 and not Path(weights).is_dir():
+            raise UsageError(
+                "--weights names one model's weights file; for several imagenet: models give a folder of NAME.h5 "
+                "files (or set CVTOOL_IMAGENET_WEIGHTS to one)"
+            )
     return [
-        ModelSet([s], source=s.source) if isinstance(s, Classifier) else load_models(s, unsafe, weights) for s in specs
+        ModelSet([s], source=s.source)
+        if isinstance(s, Classifier)
+        else load_models(s, unsafe, weights if takes_weights(s) else None)
+        for s in specs
     ]
 
 
@@ -164,7 +184,6 @@ def build_scorer(
     sets: Sequence[ModelSet],
     rule: str | None = None,
     weights: Sequence[float] | None = None,
-    rules: Sequence[str] = ("mean", "weighted", "vote", "geometric"),
 ) -> Scorer:
     """A scorer over every member of ``sets`` (an ensemble run contributes all its members).
 
@@ -177,7 +196,9 @@ def build_scorer(
     members = align(classifiers)
     source = sets[0].source if len(sets) == 1 else ",".join(s.source for s in sets)
     scorer = Scorer(members, list(classifiers[0].class_names), source=source)
-    combined = combine.get_rule(rule, rules, weights, len(members))  # checks the rule and weights, one model too
+    combined = rules.get_rule(
+        rule, rules.ENSEMBLE_RULES, weights, len(members)
+    )  # checks the rule and weights, one model too
     if len(members) > 1:
         scorer.rule, scorer.rule_name = combined, rule
         scorer.rule_weights = [float(w) for w in weights] if rule == "weighted" else None

@@ -17,19 +17,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cvtool import combine
 from cvtool.bundle import Classifier
 from cvtool.errors import UsageError
 from cvtool.images import list_images, resize
 from cvtool.inference import write_predictions
 from cvtool.jobs import BatchJob, RunResult, Shard
 from cvtool.locks import holds_output_lock
+from cvtool.registry import Registry
+from cvtool.rules import VIEW_REDUCERS, get_rule
 from cvtool.scoring import Scorer, load_scorer
 
 # Measured on clothing-small validation with default-recipe models (bench/tta_views.py, README): a flip helps,
 # crops, scale crops, vflip and rot90 hurt there.
 DEFAULT_TRANSFORMS = ("identity", "hflip")
-REDUCERS = ("mean", "max", "vote")
 
 
 @dataclass
@@ -47,12 +47,11 @@ class TtaOptions:
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
         if not self.transforms or unknown:
             raise UsageError(
-                f"unknown transform {', '.join(unknown) or '(none given)'}; choose from {', '.join(TRANSFORMS)}"
+                f"unknown transform {', '.join(unknown) or '(none given)'}; choose from {', '.join(TRANSFORMS.names())}"
             )
         if len(set(self.transforms)) != len(self.transforms):
             raise UsageError("--transforms lists a transform twice")
-        if self.reduce not in REDUCERS:
-            raise UsageError(f"unknown --reduce {self.reduce!r}; choose from {', '.join(REDUCERS)}")
+        VIEW_REDUCERS.entry(self.reduce)  # an unknown name is refused with the choices
         if not 0.1 <= self.crop_scale <= 1.0:
             raise UsageError("--crop-scale must be between 0.1 and 1")
         if self.copies < 1:
@@ -82,54 +81,62 @@ class ViewSource:
 
 Transform = Callable[[ViewSource], list[np.ndarray]]
 
+# Every TTA transform: its name on the command line, what it does, and how many views it makes
+# (``views(options)``); ``--transforms``' help and choices, view_counts and the views themselves read it.
+TRANSFORMS = Registry("transform")
 
+
+def _one(options: TtaOptions) -> int:
+    return 1
+
+
+def _copies(options: TtaOptions) -> int:
+    return options.copies
+
+
+@TRANSFORMS.register("identity", help="the image as predict sees it", views=_one)
 def identity(src: ViewSource) -> list[np.ndarray]:
     return [src.resized]
 
 
+@TRANSFORMS.register("hflip", help="mirrored left-right", views=_one)
 def hflip(src: ViewSource) -> list[np.ndarray]:
     return [src.resized[:, ::-1]]
 
 
+@TRANSFORMS.register("vflip", help="upside down", views=_one)
 def vflip(src: ViewSource) -> list[np.ndarray]:
     return [src.resized[::-1]]
 
 
+@TRANSFORMS.register("rot90", help="a quarter turn", views=_one)
 def rot90(src: ViewSource) -> list[np.ndarray]:
     """Rotated a quarter turn counter-clockwise (resized first to the transposed size, so nothing is cut)."""
     h, w = src.size
     return [np.rot90(resize(src.img, (w, h)))]
 
 
+@TRANSFORMS.register("crop", help="5 crops: corners and centre", views=lambda options: 5)
 def crop(src: ViewSource) -> list[np.ndarray]:
     """Five crops at ``crop_scale``: the four corners and the centre."""
     s = src.options.crop_scale
     return [src.crop(x, y, s) for x, y in ((0, 0), (1, 0), (0, 1), (1, 1), (0.5, 0.5))]
 
 
+@TRANSFORMS.register("scale", help="random scale crops", views=_copies)
 def scale(src: ViewSource) -> list[np.ndarray]:
     """``copies`` random crops whose side is a random fraction in [crop_scale, 1], at a random position."""
     s = src.options.crop_scale
     return [src.crop(*src.rng.uniform(0, 1, 2), src.rng.uniform(s, 1.0)) for _ in range(src.options.copies)]
 
 
+@TRANSFORMS.register("brightness", help="random brightness", views=_copies)
 def brightness(src: ViewSource) -> list[np.ndarray]:
     """``copies`` copies with brightness multiplied by a random factor in [1 - b, 1 + b]."""
     b = src.options.brightness
     base = src.resized.astype(np.float32)
     factors = src.rng.uniform(1 - b, 1 + b, src.options.copies)
     return [np.clip(base * f + 0.5, 0, 255).astype(np.uint8) for f in factors]
-
-
-TRANSFORMS: dict[str, Transform] = {
-    "identity": identity,
-    "hflip": hflip,
-    "vflip": vflip,
-    "rot90": rot90,
-    "crop": crop,
-    "scale": scale,
-    "brightness": brightness,
-}
 
 
 class TtaViews:
@@ -140,13 +147,18 @@ class TtaViews:
 
     def __call__(self, img: Image.Image, size: tuple[int, int], rng: np.random.Generator) -> list[np.ndarray]:
         src = ViewSource(img, size, rng, self.options)
-        return [np.ascontiguousarray(v) for name in self.options.transforms for v in TRANSFORMS[name](src)]
+        return [np.ascontiguousarray(v) for name in self.options.transforms for v in TRANSFORMS.get(name)(src)]
 
 
 def view_counts(options: TtaOptions) -> dict[str, int]:
-    """How many views each chosen transform makes, in order."""
-    per = {"crop": 5, "scale": options.copies, "brightness": options.copies}
-    return {t: per.get(t, 1) for t in options.transforms}
+    """How many views each chosen transform makes, in order (the ``views`` its registry entry gives).
+
+    Args:
+        options: the chosen transforms and their settings.
+
+    Example: ``view_counts(TtaOptions(transforms=("identity", "crop")))`` is ``{"identity": 1, "crop": 5}``.
+    """
+    return {t: TRANSFORMS.entry(t).info["views"](options) for t in options.transforms}
 
 
 def view_index(options: TtaOptions, transform: str) -> int:
@@ -163,7 +175,7 @@ def parse_transforms(text: str) -> tuple[str, ...]:
 def apply_tta(scorer: Scorer, options: TtaOptions) -> Scorer:
     """``scorer`` with every member scoring the TTA views of each image, reduced by ``options.reduce``."""
     scorer.views = TtaViews(options)
-    scorer.reduce_views = combine.get_rule(options.reduce, REDUCERS)
+    scorer.reduce_views = get_rule(options.reduce, VIEW_REDUCERS)
     scorer.seed = options.seed
     return scorer
 
