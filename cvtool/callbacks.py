@@ -60,7 +60,7 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
     def recalibrate(self) -> None:
         from keras import layers
 
-        from cvtool.models import all_layers
+        from cvtool.architectures import all_layers
 
         bns = [
             layer

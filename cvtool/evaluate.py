@@ -393,7 +393,7 @@ def evaluate(
             errors.write([path_cell(f.item.rel), f.reason])
             warn(f"{path_cell(f.item.rel)}: {f.reason}")
         for batch, member_probs in score_batches(scorer, labelled.items, batch_size):
-            probs = scorer.combine(member_probs)
+            probs = scorer.reduce_views_then_members(member_probs)
             for f in batch.failures:
                 errors.write([path_cell(f.item.rel), f.reason])
                 warn(f"{path_cell(f.item.rel)}: {f.reason}")
@@ -460,12 +460,12 @@ class Comparison:
         several = len(s.members) > 1
         out = {label: plain[:, i, 0] for i, label in enumerate(self.member_labels)}
         if several:
-            out["ensemble"] = s.combine(plain)
+            out["ensemble"] = s.reduce_views_then_members(plain)
         if self.tta is not None:
             for i, label in enumerate(self.member_labels):
-                out[f"{label} + tta"] = s.combine(member_probs[:, i : i + 1])
+                out[f"{label} + tta"] = s.reduce_views_then_members(member_probs[:, i : i + 1])
             if several:
-                out["ensemble + tta"] = s.combine(member_probs)
+                out["ensemble + tta"] = s.reduce_views_then_members(member_probs)
         return out
 
     def add(self, member_probs: np.ndarray, truth: np.ndarray) -> None:

@@ -120,9 +120,9 @@ def build_model(name: str, weights: str | os.PathLike | None = None):
 
     ``weights`` is None (random), "imagenet" (Keras download/cache) or a local file.
     """
+    from cvtool.architectures import image_input
     from cvtool.backbones import BACKBONES
     from cvtool.layers import Preprocess
-    from cvtool.models import image_input
     from cvtool.runtime import keras
 
     backbone = BACKBONES[name]

@@ -85,7 +85,7 @@ def as_scorer(model: Scorer | Classifier) -> Scorer:
 def score_batches(scorer: Scorer, items: Iterable[InputItem], batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
     """Decode ``items`` in parallel and score them; yields each batch with its uncombined scores.
 
-    The scores are [images, members, views, classes]; :meth:`~cvtool.scoring.Scorer.combine` turns
+    The scores are [images, members, views, classes]; :meth:`~cvtool.scoring.Scorer.reduce_views_then_members` turns
     them into [images, classes]. Evaluate keeps them apart to compare members and views.
 
     Args:
@@ -113,7 +113,7 @@ def classify_batches(
     """
     scorer = as_scorer(scorer)
     for batch, member_probs in score_batches(scorer, items, batch_size):
-        yield batch, scorer.combine(member_probs)
+        yield batch, scorer.reduce_views_then_members(member_probs)
 
 
 def scorer_identity(scorer: Scorer) -> dict:

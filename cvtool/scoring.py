@@ -102,7 +102,7 @@ class Scorer:
             out.append(probs[:, m.order].reshape(n, v, -1))
         return np.stack(out, axis=1)
 
-    def combine(self, member_probs: np.ndarray) -> np.ndarray:
+    def reduce_views_then_members(self, member_probs: np.ndarray) -> np.ndarray:
         """[images, members, views, classes] -> [images, classes]: reduce views per member, then members."""
         n, k, v, c = member_probs.shape
         if n == 0:
@@ -112,7 +112,7 @@ class Scorer:
         return per_member[:, 0] if k == 1 else self.rule(per_member)
 
     def score(self, payloads: Sequence[list[np.ndarray]]) -> np.ndarray:
-        return self.combine(self.member_probs(payloads))
+        return self.reduce_views_then_members(self.member_probs(payloads))
 
 
 def class_keys(classifier: Classifier) -> list[str]:

@@ -561,8 +561,8 @@ def train(
     epoch (:class:`RunFolder`). ``exclude``: the folder inside ``data`` never read
     as data (default ``out``; an ensemble passes its own folder).
     """
+    from cvtool.architectures import build_scratch, default_image_size
     from cvtool.devices import distribution_strategy, seed_everything, strategy_name
-    from cvtool.models import build_scratch, default_image_size
 
     run, cfg, state = open_run(out, cfg, TrainConfig, "train", overwrite, resume)
     with run:

@@ -104,8 +104,8 @@ def test_every_imagenet_name_preprocesses_like_its_keras_function():
     import keras
 
     from cvtool import imagenet
+    from cvtool.backbones import BACKBONES
     from cvtool.layers import Preprocess
-    from cvtool.models import BACKBONES
 
     pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype("float32")
     for name in ("vgg16", "resnet50", "inception_v3", "xception", "mobilenet_v2", "mobilenet_v3_large"):
