@@ -7,6 +7,7 @@ and `--version` answer at once.
 from __future__ import annotations
 
 import functools
+import inspect
 import signal
 import sys
 from pathlib import Path
@@ -173,6 +174,53 @@ RuleWeights = Annotated[
     ),
 ]
 Method = Annotated[str, typer.Option(help=f"CAM method: {CAM_METHODS.described()}.")]
+CsvOut = Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)]
+
+# Each shared option once: its alias and default. Commands list the ones they take (@shared_options) and
+# receive them as **options, named as the library functions name their keywords.
+SHARED_OPTIONS = {
+    "transforms": (Transforms, TTA_DEFAULT),
+    "reduce": (Reduce, "mean"),
+    "crop_scale": (CropScale, 0.875),
+    "copies": (Copies, 2),
+    "seed": (TtaSeed, 0),
+    "top_k": (TopK, 3),
+    "batch_size": (BatchSize, 32),
+    "overwrite": (Overwrite, False),
+    "quiet": (Quiet, False),
+    "unsafe_load": (UnsafeLoad, False),
+    "weights": (ImagenetWeights, None),
+    "label_format": (LabelFormat, "name"),
+    "resume": (Resume, False),
+    "shard": (ShardOpt, ""),
+}
+TTA_FIELDS = ("transforms", "reduce", "crop_scale", "copies", "seed")  # cvtool.tta.TtaOptions' fields
+JOB_OPTIONS = ("overwrite", "quiet", "resume", "shard")  # every resumable, shardable batch command
+MODEL_OPTIONS = ("unsafe_load", "weights")  # every command that loads a classifier
+
+
+def shared_options(*names: str):
+    """Add the shared options ``names`` (see :data:`SHARED_OPTIONS`) to a command, after its own parameters.
+
+    The command declares ``**options`` and receives them there. Example::
+
+        @shared_options("top_k", *JOB_OPTIONS)
+        def predict(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int: ...
+    """
+
+    def add(func):
+        signature = inspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        extra = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=alias, default=default)
+            for name in names
+            for alias, default in [SHARED_OPTIONS[name]]
+        ]
+        func.__signature__ = signature.replace(parameters=[*own, *extra])
+        func.__annotations__ = {**func.__annotations__, **{p.name: p.annotation for p in extra}}
+        return func
+
+    return add
 
 
 def version_callback(value: bool) -> None:
@@ -371,43 +419,19 @@ def train(
 
 @app.command()
 @reports_errors
-def predict(
-    model: ModelArg,
-    input: InputArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)],
-    top_k: TopK = 3,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    unsafe_load: UnsafeLoad = False,
-    label_format: LabelFormat = "name",
-    weights: ImagenetWeights = None,
-    resume: Resume = False,
-    shard: ShardOpt = "",
-) -> int:
+@shared_options("top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS)
+def predict(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int:
     """Classify every image under INPUT: one CSV row per image (path,label,score,label_2,score_2,...)."""
     from cvtool.predict import predict as run_predict
 
-    result = run_predict(
-        model,
-        input,
-        out,
-        top_k=top_k,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        quiet=quiet,
-        unsafe_load=unsafe_load,
-        label_format=label_format,
-        weights=weights,
-        resume=resume,
-        shard=shard,
-    )
-    _report(result.processed, result.failed, result.out, result.errors, quiet)
+    result = run_predict(model, input, out, **options)
+    _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
 
 
 @app.command()
 @reports_errors
+@shared_options("top_k", "batch_size", "overwrite", "quiet", *MODEL_OPTIONS, *TTA_FIELDS)
 def evaluate(
     models: Annotated[
         list[str],
@@ -438,20 +462,10 @@ def evaluate(
     ] = "auto",
     layout: Layout = "auto",
     rank: Annotated[str, typer.Option(help="Comma list of N for rank-N (top-N) accuracy.")] = "1,3,5",
-    top_k: TopK = 3,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    unsafe_load: UnsafeLoad = False,
-    weights: ImagenetWeights = None,
-    use_tta: Annotated[bool, typer.Option("--tta", help="Also score TTA views and report the gain.")] = False,
-    transforms: Transforms = TTA_DEFAULT,
-    reduce: Reduce = "mean",
-    crop_scale: CropScale = 0.875,
-    copies: Copies = 2,
-    tta_seed: TtaSeed = 0,
     rule: Rule = "mean",
     rule_weights: RuleWeights = "",
+    use_tta: Annotated[bool, typer.Option("--tta", help="Also score TTA views and report the gain.")] = False,
+    **options,
 ) -> int:
     """Accuracy, rank-N accuracy, per-class precision/recall/F1 and a confusion matrix.
 
@@ -468,7 +482,6 @@ def evaluate(
         raise UsageError(f"--rank takes a comma list of integers, got {rank!r}") from None
     if split not in ("auto", "test", "validation", "train", "all"):
         raise UsageError(f"--split must be auto, test, validation, train or all, got {split!r}")
-    tta = _tta_options(transforms, reduce, crop_scale, copies, tta_seed) if use_tta else None
     result = run_evaluate(
         models,
         data,
@@ -476,29 +489,26 @@ def evaluate(
         labels=labels,
         path_column=path_column,
         label_column=label_column,
+        delimiter=delimiter,
         split=split,
+        layout=layout,
         ranks=ranks,
-        top_k=top_k,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        quiet=quiet,
-        unsafe_load=unsafe_load,
-        weights=weights,
-        tta=tta,
+        tta=_tta_options(options, use=use_tta),
         rule=rule if len(models) > 1 or rule != "mean" else None,
         rule_weights=parse_weights(rule_weights),
-        delimiter=delimiter,
-        layout=layout,
+        **options,
     )
     from cvtool.evaluate import format_summary
 
     typer.echo(format_summary(result.metrics))  # the answer: printed with --quiet too, which silences progress
-    _report(result.processed, result.failed, result.out_dir / "metrics.json", result.out_dir / "errors.csv", quiet)
+    report = result.out_dir
+    _report(result.processed, result.failed, report / "metrics.json", report / "errors.csv", options["quiet"])
     return result.exit_code
 
 
 @app.command()
 @reports_errors
+@shared_options(*JOB_OPTIONS)
 def segment(
     input: InputArg,
     out: Annotated[
@@ -538,11 +548,8 @@ def segment(
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the colour mask in overlays.")] = 0.6,
     overlay_format: Annotated[str, typer.Option(help="Overlay files: jpg or png.")] = "jpg",
     batch_size: SegmentBatchSize = 4,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
     unsafe_load: UnsafeLoad = False,
-    resume: Resume = False,
-    shard: ShardOpt = "",
+    **options,
 ) -> int:
     """Per-pixel classes for every image under INPUT: mask, colour mask and overlay per image, legend, pixel counts."""
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
@@ -561,8 +568,8 @@ def segment(
         batch_size,
         unsafe_load,
     )
-    result = run_segment(input, out, config=cfg, overwrite=overwrite, quiet=quiet, resume=resume, shard=shard)
-    _report(result.processed, result.failed, out, result.errors, quiet)
+    result = run_segment(input, out, config=cfg, **options)
+    _report(result.processed, result.failed, out, result.errors, options["quiet"])
     return result.exit_code
 
 
@@ -613,6 +620,7 @@ def merge(
 
 @app.command()
 @reports_errors
+@shared_options("batch_size", *MODEL_OPTIONS, *JOB_OPTIONS)
 def gradcam(
     model: ModelArg,
     input: InputArg,
@@ -642,13 +650,7 @@ def gradcam(
         bool, typer.Option("--save-heatmap", help="Also write the map as 8-bit grayscale <name>.heatmap.png.")
     ] = False,
     npy: Annotated[bool, typer.Option("--npy", help="Also write the map as float32 <name>.heatmap.npy.")] = False,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    unsafe_load: UnsafeLoad = False,
-    weights: ImagenetWeights = None,
-    resume: Resume = False,
-    shard: ShardOpt = "",
+    **options,
 ) -> int:
     """Grad-CAM heatmaps: where the model looked, as overlays at each input image's own size."""
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
@@ -668,15 +670,9 @@ def gradcam(
         fmt=fmt,
         save_heatmap=save_heatmap,
         npy=npy,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        quiet=quiet,
-        unsafe_load=unsafe_load,
-        weights=weights,
-        resume=resume,
-        shard=shard,
+        **options,
     )
-    _report(result.processed, result.failed, result.out, result.errors, quiet)
+    _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
 
 
@@ -771,50 +767,19 @@ def finetune(
 
 @app.command()
 @reports_errors
-def tta(
-    model: ModelArg,
-    input: InputArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)],
-    transforms: Transforms = TTA_DEFAULT,
-    reduce: Reduce = "mean",
-    crop_scale: CropScale = 0.875,
-    copies: Copies = 2,
-    seed: TtaSeed = 0,
-    top_k: TopK = 3,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    unsafe_load: UnsafeLoad = False,
-    weights: ImagenetWeights = None,
-    resume: Resume = False,
-    shard: ShardOpt = "",
-    label_format: LabelFormat = "name",
-) -> int:
+@shared_options(*TTA_FIELDS, "top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS)
+def tta(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int:
     """Predictions averaged over augmented views of every image (test-time augmentation); predict's CSV format."""
     from cvtool.tta import tta as run_tta
 
-    options = _tta_options(transforms, reduce, crop_scale, copies, seed)
-    result = run_tta(
-        model,
-        input,
-        out,
-        options=options,
-        top_k=top_k,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        quiet=quiet,
-        unsafe_load=unsafe_load,
-        label_format=label_format,
-        weights=weights,
-        resume=resume,
-        shard=shard,
-    )
-    _report(result.processed, result.failed, result.out, result.errors, quiet)
+    result = run_tta(model, input, out, options=_tta_options(options), **options)
+    _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
 
 
 @app.command()
 @reports_errors
+@shared_options(*TTA_FIELDS, "top_k", "batch_size", "unsafe_load", "label_format", *JOB_OPTIONS)
 def ensemble(
     models: Annotated[
         Optional[list[str]],
@@ -828,20 +793,10 @@ def ensemble(
         Optional[Path],
         typer.Argument(help="Image file, or folder searched recursively (the last argument).", show_default=False),
     ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)] = ...,
+    out: CsvOut = ...,
     rule: Rule = "mean",
     rule_weights: RuleWeights = "",
     use_tta: Annotated[bool, typer.Option("--tta", help="Apply the TTA views to every member.")] = False,
-    transforms: Transforms = TTA_DEFAULT,
-    reduce: Reduce = "mean",
-    crop_scale: CropScale = 0.875,
-    copies: Copies = 2,
-    seed: TtaSeed = 0,
-    top_k: TopK = 3,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    unsafe_load: UnsafeLoad = False,
     weights: Annotated[
         Optional[str],
         typer.Option(
@@ -851,14 +806,12 @@ def ensemble(
             show_default=False,
         ),
     ] = None,
-    resume: Resume = False,
-    shard: ShardOpt = "",
-    label_format: LabelFormat = "name",
     old_input: Annotated[Optional[Path], typer.Option("--input", "-i", hidden=True)] = None,
+    **options,
 ) -> int:
     """Combine several models' predictions (classes aligned by name); predict's CSV format.
 
-    Usage: cvtool ensemble MODEL... INPUT --out CSV (the last argument is INPUT, as in every command).
+    INPUT is the last argument, as in every command: cvtool ensemble MODEL... INPUT --out CSV.
     """
     from cvtool.ensemble import ensemble as run_ensemble
     from cvtool.errors import UsageError
@@ -875,25 +828,17 @@ def ensemble(
     if weights is not None and _is_number_list(weights):  # deprecated spelling of --rule-weights
         warn("ensemble --weights N,N... is deprecated; use --rule-weights (--weights names ImageNet weights)")
         rule_weights, weights = rule_weights or weights, None
-    options = _tta_options(transforms, reduce, crop_scale, copies, seed) if use_tta else None
     result = run_ensemble(
         models,
         input,
         out,
         rule=rule,
         rule_weights=parse_weights(rule_weights),
-        tta=options,
-        top_k=top_k,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        quiet=quiet,
-        unsafe_load=unsafe_load,
         weights=weights,
-        label_format=label_format,
-        resume=resume,
-        shard=shard,
+        tta=_tta_options(options, use=use_tta),
+        **options,
     )
-    _report(result.processed, result.failed, result.out, result.errors, quiet)
+    _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
 
 
@@ -905,10 +850,14 @@ def _is_number_list(text: str) -> bool:
         return False
 
 
-def _tta_options(transforms: str, reduce: str, crop_scale: float, copies: int, seed: int):
+def _tta_options(options: dict, use: bool = True):
+    """Take the TTA options out of a command's ``options``; with ``use``, they as one :class:`cvtool.tta.TtaOptions`."""
+    fields = {name: options.pop(name) for name in TTA_FIELDS}
+    if not use:
+        return None
     from cvtool.tta import TtaOptions, parse_transforms
 
-    return TtaOptions(parse_transforms(transforms), reduce, crop_scale, copies, seed)
+    return TtaOptions(**{**fields, "transforms": parse_transforms(fields["transforms"])})
 
 
 def _report(processed: int, failed: int, out: Path, errors: Path, quiet: bool) -> None:
