@@ -122,7 +122,13 @@ def class_keys(classifier: Classifier) -> list[str]:
 
 
 def align(classifiers: Sequence[Classifier]) -> list[Member]:
-    """Members in the first model's class order, matched by name; a different class set is refused."""
+    """Members in the first model's class order, matched by name; a different class set is refused (exit 3).
+
+    Args:
+        classifiers: the loaded models.
+
+    Example: ``[m.order for m in align([a, b])]``.
+    """
     if len(classifiers) == 1:
         c = classifiers[0]
         return [Member(c, np.arange(c.num_classes))]
@@ -187,7 +193,13 @@ def build_scorer(
 ) -> Scorer:
     """A scorer over every member of ``sets`` (an ensemble run contributes all its members).
 
-    ``rule`` None takes the ensemble manifest's rule when a single ensemble run is given, else ``mean``.
+    Args:
+        sets: the loaded MODEL arguments (:func:`load_model_sets`).
+        rule: how members are combined (:data:`cvtool.rules.ENSEMBLE_RULES`); None takes the ensemble
+            manifest's rule when a single ensemble run is given, else ``mean``.
+        weights: the weighted rule's weights, one per member.
+
+    Example: ``build_scorer(load_model_sets(["runs/a", "runs/b"]), rule="vote")``.
     """
     classifiers = [c for s in sets for c in s.members]
     if rule is None:
@@ -206,5 +218,13 @@ def build_scorer(
 
 
 def load_scorer(model: str | Path | Classifier, unsafe: bool = False, weights: str | Path | None = None) -> Scorer:
-    """The scorer for one MODEL argument: a model, or an ensemble run directory with its own rule."""
+    """The scorer for one MODEL argument: a model, or an ensemble run directory with its own rule.
+
+    Args:
+        model: a run directory, ``.keras`` file, ``imagenet:NAME``, ensemble run directory or classifier.
+        unsafe: allow models with Lambda layers or custom code.
+        weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
+
+    Example: ``load_scorer("runs/ens").score(payloads)``.
+    """
     return build_scorer(load_model_sets([model], unsafe, weights))

@@ -162,18 +162,38 @@ def view_counts(options: TtaOptions) -> dict[str, int]:
 
 
 def view_index(options: TtaOptions, transform: str) -> int:
-    """Position of the first view made by ``transform`` among an image's views."""
+    """Position of the first view made by ``transform`` among an image's views.
+
+    Args:
+        options: the chosen transforms and their settings.
+        transform: one of ``options.transforms``.
+
+    Example: ``view_index(TtaOptions(transforms=("crop", "identity")), "identity")`` is 5.
+    """
     counts = view_counts(options)
     return sum(counts[t] for t in options.transforms[: options.transforms.index(transform)])
 
 
 def parse_transforms(text: str) -> tuple[str, ...]:
-    """``"identity,hflip,crop"`` -> ("identity", "hflip", "crop")."""
+    """``--transforms`` as a tuple of names (checked by :class:`TtaOptions`).
+
+    Args:
+        text: a comma list.
+
+    Example: ``parse_transforms("identity,hflip,crop")`` is ``("identity", "hflip", "crop")``.
+    """
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def apply_tta(scorer: Scorer, options: TtaOptions) -> Scorer:
-    """``scorer`` with every member scoring the TTA views of each image, reduced by ``options.reduce``."""
+    """``scorer`` with every member scoring the TTA views of each image, reduced by ``options.reduce``.
+
+    Args:
+        scorer: the scorer to change (returned, changed in place).
+        options: which views, how they are reduced, their seed.
+
+    Example: ``apply_tta(load_scorer("runs/clothes"), TtaOptions(transforms=("identity", "crop")))``.
+    """
     scorer.views = TtaViews(options)
     scorer.reduce_views = get_rule(options.reduce, VIEW_REDUCERS)
     scorer.seed = options.seed
