@@ -47,8 +47,9 @@ class Timer:
 
 def mobilenet_run(run_dir: Path, class_names: list[str], size: int = 224) -> Path:
     """A MobileNetV2 classifier (weights=None) saved as a cvtool run directory."""
+    from cvtool.architectures import backbone_classifier
+    from cvtool.backbones import get_backbone
     from cvtool.bundle import save_model, write_meta
-    from cvtool.models import backbone_classifier, get_backbone
 
     if (run_dir / "model.keras").exists():
         return run_dir

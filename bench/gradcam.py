@@ -52,8 +52,9 @@ def generated_folder(root: Path, n: int) -> Path:
 
 
 def build_run(run: Path, arch: str, size: int, names: list[str]) -> Path:
+    from cvtool.architectures import backbone_classifier, small_cnn
+    from cvtool.backbones import get_backbone
     from cvtool.bundle import save_model, write_meta
-    from cvtool.models import backbone_classifier, get_backbone, small_cnn
 
     if arch == "small-cnn":
         model = small_cnn(len(names), (size, size))

@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO))
 
 
 def make_bundle(run_dir: Path, size: int = 64) -> None:
+    from cvtool.architectures import small_cnn
     from cvtool.bundle import save_model, write_meta
-    from cvtool.models import small_cnn
 
     names = ["a", "b", "c"]
     save_model(small_cnn(len(names), (size, size)), run_dir / "model.keras")

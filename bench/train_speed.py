@@ -59,9 +59,9 @@ def main() -> None:
     import tensorflow as tf
 
     import cvtool.runtime  # noqa: F401
+    from cvtool.architectures import small_cnn
     from cvtool.config import AugmentConfig, TrainConfig
     from cvtool.data import decode_set, discover
-    from cvtool.models import small_cnn
     from cvtool.train import train
 
     size = (args.size, args.size)

@@ -76,7 +76,7 @@ def main() -> None:
 
     import keras
 
-    from cvtool.models import build_scratch, default_image_size
+    from cvtool.architectures import build_scratch, default_image_size
 
     tmp = Path(tempfile.mkdtemp(prefix="cvtool-bench-tta-"))
     folder = args.folder or next((f for f in (DEFAULT_FOLDER, SHARED) if f.is_dir()), None)
@@ -104,7 +104,7 @@ def main() -> None:
     for item in items[:4]:
         (warm / Path(item.rel).name).symlink_to(item.path.resolve())
     predict(clf, warm, tmp / "w1.csv", batch_size=args.batch_size, quiet=True)
-    tta(clf, warm, tmp / "w2.csv", options, batch_size=args.batch_size, quiet=True)
+    tta(clf, warm, tmp / "w2.csv", options=options, batch_size=args.batch_size, quiet=True)
     cookbook_loop(clf, list_images(warm), options)
 
     # Alternate plain and tta rounds and keep each one's best: other jobs on a shared machine only add time.
@@ -112,7 +112,9 @@ def main() -> None:
     bs = args.batch_size
     for r in range(args.repeat):
         plains.append(timed(lambda r=r: predict(clf, folder, tmp / f"plain{r}.csv", batch_size=bs, quiet=True)))
-        ttas.append(timed(lambda r=r: tta(clf, folder, tmp / f"tta{r}.csv", options, batch_size=bs, quiet=True)))
+        ttas.append(
+            timed(lambda r=r: tta(clf, folder, tmp / f"tta{r}.csv", options=options, batch_size=bs, quiet=True))
+        )
     t_plain, t_tta = min(plains), min(ttas)
     t_cook = timed(lambda: cookbook_loop(clf, items, options))
     print(f"rounds: plain {', '.join(f'{t:.2f}' for t in plains)} s; tta {', '.join(f'{t:.2f}' for t in ttas)} s")

@@ -61,7 +61,7 @@ class RecalibrateBatchNorm(keras.callbacks.Callback):
     def recalibrate(self) -> None:
         from keras import layers
 
-        from cvtool.models import all_layers
+        from cvtool.architectures import all_layers
 
         bns = [
             layer
@@ -352,7 +352,7 @@ class EpochLogger(keras.callbacks.Callback):
         self._start = time.monotonic()
         steps = (self.params or {}).get("steps")
         self._batches = Progress(
-            steps, f"{self.prefix}epoch {epoch + 1}/{self.epochs} batches", self.quiet, unit="batch"
+            steps, f"{self.prefix}epoch {epoch + 1}/{self.epochs} batches", self.quiet, unit="batch", leave=False
         )
 
     def on_train_batch_end(self, batch, logs=None):

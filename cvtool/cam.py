@@ -24,13 +24,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
 from cvtool.bundle import Classifier
 from cvtool.errors import UnusableError, UsageError
+from cvtool.registry import Registry
 
 # --- the methods: channel weights from activations and gradients -------------------------------------------------
 
+# Every CAM method (``--method``); TensorFlow is imported when a method runs, so ``--help`` can read this table.
+METHODS = Registry("--method")
 
+
+@METHODS.register("gradcam", help="mean gradient per channel")
 def gradcam_weights(acts, grads):
     """Grad-CAM (Selvaraju et al.): the spatial mean of the gradients."""
     from cvtool.runtime import tf
@@ -38,6 +42,7 @@ def gradcam_weights(acts, grads):
     return tf.reduce_mean(grads, axis=(1, 2))
 
 
+@METHODS.register("gradcam++", help="positive gradients weighted per pixel")
 def gradcam_plus_plus_weights(acts, grads):
     """Grad-CAM++ (Chattopadhyay et al.): positive gradients weighted per pixel by alpha."""
     from cvtool.runtime import tf
@@ -50,6 +55,7 @@ def gradcam_plus_plus_weights(acts, grads):
     return tf.reduce_sum(alpha * tf.nn.relu(grads), axis=(1, 2))
 
 
+@METHODS.register("guided", help="positive gradients on positive activations")
 def guided_gradcam_weights(acts, grads):
     """The cookbook's guided variant: only positive gradients on positive activations count."""
     from cvtool.runtime import tf
@@ -58,18 +64,15 @@ def guided_gradcam_weights(acts, grads):
     return tf.reduce_mean(keep * grads, axis=(1, 2))
 
 
-METHODS: dict[str, Callable] = {
-    "gradcam": gradcam_weights,
-    "gradcam++": gradcam_plus_plus_weights,
-    "guided": guided_gradcam_weights,
-}
-
-
 def get_method(name: str) -> Callable:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise UsageError(f"unknown --method {name!r}; choose from {', '.join(METHODS)}") from None
+    """The channel-weights function of the CAM method ``name``; an unknown name is a usage error (exit 2).
+
+    Args:
+        name: a name in :data:`METHODS`.
+
+    Example: ``get_method("gradcam++")(acts, grads)``.
+    """
+    return METHODS.get(name)
 
 
 # --- finding the target layer -------------------------------------------------------------------------------------

@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from cvtool import __version__
+from cvtool.cam import METHODS as CAM_METHODS
 from cvtool.classmap import DEFAULT_MODEL as DEFAULT_SEGMENT_MODEL
 from cvtool.config import FinetuneConfig, TrainConfig, from_options, option_fields
 from cvtool.errors import EXIT_UNUSABLE, EXIT_USAGE, CvtoolError
+from cvtool.imagenet import LABEL_FORMATS
+from cvtool.rules import ENSEMBLE_RULES, VIEW_REDUCERS
+from cvtool.tta import DEFAULT_TRANSFORMS, TRANSFORMS
 
 COMMAND_ORDER = ("train", "finetune", "predict", "tta", "ensemble", "evaluate", "gradcam", "segment", "merge", "models")
 
@@ -31,6 +35,46 @@ class _CommandsInWorkflowOrder(TyperGroup):
     def list_commands(self, ctx) -> list[str]:
         names = super().list_commands(ctx)
         return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
+
+# Plain metavars in --help: a flag shows no value placeholder, a value shows an upper-case word (INTEGER,
+# PATH, TEXT or its own metavar), arguments their name (MODEL, INPUT, DATA), the usage line plain names.
+_TYPE_METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH"}
+
+
+class _PlainOption(TyperOption):
+    def display_type_rich(self, ctx) -> str | None:
+        if self.is_flag:
+            return None
+        if self.metavar is not None:
+            return self.metavar
+        return _TYPE_METAVARS.get(self.type_descriptor.annotation, "TEXT")
+
+
+class _PlainArgument(TyperArgument):
+    @property
+    def display_name_raw(self) -> str:
+        return self.metavar or self.name.upper()
+
+    def display_type_rich(self, ctx) -> str | None:
+        return None  # the name column already says MODEL, INPUT...
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw + ("..." if self.nargs != 1 else "")
+        return name if self.required else f"[{name}]"
+
+
+class _PlainHelpCommand(TyperCommand):
+    """A command whose --help shows plain metavars (Typer's own shows ``<bool>``, ``{MODEL}``, ``data``)."""
+
+    def get_params(self, ctx) -> list:
+        params = super().get_params(ctx)
+        for p in params:  # Typer builds its own parameter classes: give them the plain display
+            if type(p) is TyperOption:
+                p.__class__ = _PlainOption
+            elif type(p) is TyperArgument:
+                p.__class__ = _PlainArgument
+        return params
 
 
 app = typer.Typer(
@@ -103,36 +147,80 @@ ImagenetWeights = Annotated[
 ]
 LabelFormat = Annotated[
     str,
-    typer.Option("--label-format", help="CSV labels of imagenet:NAME models: name, wnid or both."),
+    typer.Option("--label-format", help=f"CSV labels of imagenet:NAME models: {LABEL_FORMATS.described()}."),
 ]
 InputArg = Annotated[
     Path, typer.Argument(help="Image file, or folder searched recursively.", metavar="INPUT", show_default=False)
 ]
 
 
+# The TTA, rule and CAM choices and their help are read from their registries (cvtool.registry).
 Transforms = Annotated[
     str,
-    typer.Option(
-        envvar="CVTOOL_TTA_TRANSFORMS",
-        help="TTA views, comma list of identity, hflip, vflip, rot90, crop (5 crops), scale, brightness (random).",
-    ),
+    typer.Option(envvar="CVTOOL_TTA_TRANSFORMS", help=f"TTA views, a comma list of: {TRANSFORMS.described()}."),
 ]
-# cvtool.tta.DEFAULT_TRANSFORMS as the command line writes it (cvtool.tta is not imported for --help).
-TTA_DEFAULT = "identity,hflip"
-Reduce = Annotated[str, typer.Option(help="How TTA views are combined per image: mean, max or vote.")]
+TTA_DEFAULT = ",".join(DEFAULT_TRANSFORMS)
+Reduce = Annotated[str, typer.Option(help=f"How the TTA views of an image are reduced: {VIEW_REDUCERS.described()}.")]
 CropScale = Annotated[float, typer.Option(help="Side of the TTA crops, fraction of the image (smallest for scale).")]
 Copies = Annotated[int, typer.Option(min=1, help="Random copies per jitter transform (scale, brightness).")]
 TtaSeed = Annotated[int, typer.Option("--seed", help="Seed of the random TTA views.")]
-Rule = Annotated[str, typer.Option(help="How models are combined: mean, weighted, vote or geometric.")]
+Rule = Annotated[str, typer.Option(help=f"How models are combined: {ENSEMBLE_RULES.described()}.")]
 RuleWeights = Annotated[
     str,
     typer.Option(
-        "--weights",
         "--rule-weights",
         help="Weights of the weighted rule, one per model (e.g. 0.5,0.3,0.2).",
         show_default="none",
     ),
 ]
+Method = Annotated[str, typer.Option(help=f"CAM method: {CAM_METHODS.described()}.")]
+CsvOut = Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)]
+
+# Each shared option once: its alias and default. Commands list the ones they take (@shared_options) and
+# receive them as **options, named as the library functions name their keywords.
+SHARED_OPTIONS = {
+    "transforms": (Transforms, TTA_DEFAULT),
+    "reduce": (Reduce, "mean"),
+    "crop_scale": (CropScale, 0.875),
+    "copies": (Copies, 2),
+    "seed": (TtaSeed, 0),
+    "top_k": (TopK, 3),
+    "batch_size": (BatchSize, 32),
+    "overwrite": (Overwrite, False),
+    "quiet": (Quiet, False),
+    "unsafe_load": (UnsafeLoad, False),
+    "weights": (ImagenetWeights, None),
+    "label_format": (LabelFormat, "name"),
+    "resume": (Resume, False),
+    "shard": (ShardOpt, ""),
+}
+TTA_FIELDS = ("transforms", "reduce", "crop_scale", "copies", "seed")  # cvtool.tta.TtaOptions' fields
+JOB_OPTIONS = ("overwrite", "quiet", "resume", "shard")  # every resumable, shardable batch command
+MODEL_OPTIONS = ("unsafe_load", "weights")  # every command that loads a classifier
+
+
+def shared_options(*names: str):
+    """Add the shared options ``names`` (see :data:`SHARED_OPTIONS`) to a command, after its own parameters.
+
+    The command declares ``**options`` and receives them there. Example::
+
+        @shared_options("top_k", *JOB_OPTIONS)
+        def predict(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int: ...
+    """
+
+    def add(func):
+        signature = inspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        extra = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=alias, default=default)
+            for name in names
+            for alias, default in [SHARED_OPTIONS[name]]
+        ]
+        func.__signature__ = signature.replace(parameters=[*own, *extra])
+        func.__annotations__ = {**func.__annotations__, **{p.name: p.annotation for p in extra}}
+        return func
+
+    return add
 
 
 def version_callback(value: bool) -> None:
@@ -311,43 +399,19 @@ def train(
 
 @app.command()
 @reports_errors
-def predict(
-    model: ModelArg,
-    input: InputArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)],
-    top_k: TopK = 3,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    unsafe_load: UnsafeLoad = False,
-    label_format: LabelFormat = "name",
-    weights: ImagenetWeights = None,
-    resume: Resume = False,
-    shard: ShardOpt = "",
-) -> int:
+@shared_options("top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS)
+def predict(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int:
     """Classify every image under INPUT: one CSV row per image (path,label,score,label_2,score_2,...)."""
     from cvtool.predict import predict as run_predict
 
-    result = run_predict(
-        model,
-        input,
-        out,
-        top_k,
-        batch_size,
-        overwrite,
-        quiet,
-        unsafe_load,
-        label_format=label_format,
-        weights=weights,
-        resume=resume,
-        shard=shard,
-    )
-    _report(result.processed, result.failed, result.out, result.errors, quiet)
+    result = run_predict(model, input, out, **options)
+    _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
 
 
 @app.command()
 @reports_errors
+@shared_options("top_k", "batch_size", "overwrite", "quiet", *MODEL_OPTIONS, *TTA_FIELDS)
 def evaluate(
     models: Annotated[
         list[str],
@@ -378,31 +442,19 @@ def evaluate(
     ] = "auto",
     layout: Layout = "auto",
     rank: Annotated[str, typer.Option(help="Comma list of N for rank-N (top-N) accuracy.")] = "1,3,5",
-    top_k: TopK = 3,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    unsafe_load: UnsafeLoad = False,
-    weights: ImagenetWeights = None,
-    use_tta: Annotated[bool, typer.Option("--tta", help="Also score TTA views and report the gain.")] = False,
-    transforms: Transforms = TTA_DEFAULT,
-    reduce: Reduce = "mean",
-    crop_scale: CropScale = 0.875,
-    copies: Copies = 2,
-    tta_seed: TtaSeed = 0,
     rule: Rule = "mean",
-    rule_weights: Annotated[
-        str, typer.Option("--rule-weights", help="Weights of the weighted rule, one per model (e.g. 0.5,0.3,0.2).")
-    ] = "",
+    rule_weights: RuleWeights = "",
+    use_tta: Annotated[bool, typer.Option("--tta", help="Also score TTA views and report the gain.")] = False,
+    **options,
 ) -> int:
     """Accuracy, rank-N accuracy, per-class precision/recall/F1 and a confusion matrix.
 
     Several MODELs (or an ensemble run) are combined by --rule and compared side by side with each member alone;
     --tta adds the TTA views and reports the gain.
     """
-    from cvtool.combine import parse_weights
     from cvtool.errors import UsageError
     from cvtool.evaluate import evaluate as run_evaluate
+    from cvtool.rules import parse_weights
 
     try:
         ranks = tuple(int(r) for r in rank.split(",") if r.strip())
@@ -410,34 +462,33 @@ def evaluate(
         raise UsageError(f"--rank takes a comma list of integers, got {rank!r}") from None
     if split not in ("auto", "test", "validation", "train", "all"):
         raise UsageError(f"--split must be auto, test, validation, train or all, got {split!r}")
-    tta = _tta_options(transforms, reduce, crop_scale, copies, tta_seed) if use_tta else None
     result = run_evaluate(
         models,
         data,
         out,
-        labels,
-        path_column,
-        label_column,
-        split,
-        ranks,
-        top_k,
-        batch_size,
-        overwrite,
-        quiet,
-        unsafe_load,
-        weights=weights,
-        tta=tta,
+        labels=labels,
+        path_column=path_column,
+        label_column=label_column,
+        delimiter=delimiter,
+        split=split,
+        layout=layout,
+        ranks=ranks,
+        tta=_tta_options(options, use=use_tta),
         rule=rule if len(models) > 1 or rule != "mean" else None,
         rule_weights=parse_weights(rule_weights),
-        delimiter=delimiter,
-        layout=layout,
+        **options,
     )
-    _report(result.processed, result.failed, result.out_dir / "metrics.json", result.out_dir / "errors.csv", quiet)
+    from cvtool.evaluate import format_summary
+
+    typer.echo(format_summary(result.metrics))  # the answer: printed with --quiet too, which silences progress
+    report = result.out_dir
+    _report(result.processed, result.failed, report / "metrics.json", report / "errors.csv", options["quiet"])
     return result.exit_code
 
 
 @app.command()
 @reports_errors
+@shared_options(*JOB_OPTIONS)
 def segment(
     input: InputArg,
     out: Annotated[
@@ -477,11 +528,8 @@ def segment(
     alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the colour mask in overlays.")] = 0.6,
     overlay_format: Annotated[str, typer.Option(help="Overlay files: jpg or png.")] = "jpg",
     batch_size: SegmentBatchSize = 4,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
     unsafe_load: UnsafeLoad = False,
-    resume: Resume = False,
-    shard: ShardOpt = "",
+    **options,
 ) -> int:
     """Per-pixel classes for every image under INPUT: mask, colour mask and overlay per image, legend, pixel counts."""
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
@@ -500,8 +548,8 @@ def segment(
         batch_size,
         unsafe_load,
     )
-    result = run_segment(input, out, cfg, overwrite=overwrite, quiet=quiet, resume=resume, shard=shard)
-    _report(result.processed, result.failed, out, result.errors, quiet)
+    result = run_segment(input, out, config=cfg, **options)
+    _report(result.processed, result.failed, out, result.errors, options["quiet"])
     return result.exit_code
 
 
@@ -552,6 +600,7 @@ def merge(
 
 @app.command()
 @reports_errors
+@shared_options("batch_size", *MODEL_OPTIONS, *JOB_OPTIONS)
 def gradcam(
     model: ModelArg,
     input: InputArg,
@@ -572,7 +621,7 @@ def gradcam(
         Optional[str],
         typer.Option(help="Target layer name (or backbone/NAME) (default: last layer with a 4-D output)"),
     ] = None,
-    method: Annotated[str, typer.Option(help="gradcam, gradcam++ or guided.")] = "gradcam",
+    method: Method = "gradcam",
     colormap: Annotated[str, typer.Option(help="OpenCV colour map name (jet, viridis, inferno, turbo...).")] = "jet",
     alpha: Annotated[float, typer.Option(help="Heatmap weight in the overlay, 0 to 1.")] = 0.5,
     layout: Annotated[str, typer.Option(help="overlay, or panel (original | heatmap | overlay).")] = "overlay",
@@ -581,13 +630,7 @@ def gradcam(
         bool, typer.Option("--save-heatmap", help="Also write the map as 8-bit grayscale <name>.heatmap.png.")
     ] = False,
     npy: Annotated[bool, typer.Option("--npy", help="Also write the map as float32 <name>.heatmap.npy.")] = False,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    unsafe_load: UnsafeLoad = False,
-    weights: ImagenetWeights = None,
-    resume: Resume = False,
-    shard: ShardOpt = "",
+    **options,
 ) -> int:
     """Grad-CAM heatmaps: where the model looked, as overlays at each input image's own size."""
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
@@ -607,15 +650,9 @@ def gradcam(
         fmt=fmt,
         save_heatmap=save_heatmap,
         npy=npy,
-        batch_size=batch_size,
-        overwrite=overwrite,
-        quiet=quiet,
-        unsafe_load=unsafe_load,
-        weights=weights,
-        resume=resume,
-        shard=shard,
+        **options,
     )
-    _report(result.processed, result.failed, result.out, result.errors, quiet)
+    _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
 
 
@@ -643,107 +680,97 @@ def finetune(
 
 @app.command()
 @reports_errors
-def tta(
-    model: ModelArg,
-    input: InputArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)],
-    transforms: Transforms = TTA_DEFAULT,
-    reduce: Reduce = "mean",
-    crop_scale: CropScale = 0.875,
-    copies: Copies = 2,
-    seed: TtaSeed = 0,
-    top_k: TopK = 3,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    unsafe_load: UnsafeLoad = False,
-    weights: ImagenetWeights = None,
-    resume: Resume = False,
-    shard: ShardOpt = "",
-    label_format: LabelFormat = "name",
-) -> int:
+@shared_options(*TTA_FIELDS, "top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS)
+def tta(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int:
     """Predictions averaged over augmented views of every image (test-time augmentation); predict's CSV format."""
     from cvtool.tta import tta as run_tta
 
-    options = _tta_options(transforms, reduce, crop_scale, copies, seed)
-    result = run_tta(
-        model,
-        input,
-        out,
-        options,
-        top_k,
-        batch_size,
-        overwrite,
-        quiet,
-        unsafe_load,
-        resume,
-        shard,
-        weights,
-        label_format,
-    )
-    _report(result.processed, result.failed, result.out, result.errors, quiet)
+    result = run_tta(model, input, out, options=_tta_options(options), **options)
+    _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
 
 
 @app.command()
 @reports_errors
+@shared_options(*TTA_FIELDS, "top_k", "batch_size", "unsafe_load", "label_format", *JOB_OPTIONS)
 def ensemble(
     models: Annotated[
-        list[str],
+        Optional[list[str]],
         typer.Argument(
-            help="Run directories or .keras files (an ensemble run adds its members).",
+            help="Run directories, .keras files or imagenet:NAME (an ensemble run adds its members).",
             show_default=False,
             metavar="MODEL",
         ),
-    ],
-    input: Annotated[Path, typer.Option("--input", "-i", help="Image file, or folder searched recursively.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)],
+    ] = None,
+    input: Annotated[
+        Optional[Path],
+        typer.Argument(help="Image file, or folder searched recursively (the last argument).", show_default=False),
+    ] = None,
+    out: CsvOut = ...,
     rule: Rule = "mean",
-    weights: RuleWeights = "",
+    rule_weights: RuleWeights = "",
     use_tta: Annotated[bool, typer.Option("--tta", help="Apply the TTA views to every member.")] = False,
-    transforms: Transforms = TTA_DEFAULT,
-    reduce: Reduce = "mean",
-    crop_scale: CropScale = 0.875,
-    copies: Copies = 2,
-    seed: TtaSeed = 0,
-    top_k: TopK = 3,
-    batch_size: BatchSize = 32,
-    overwrite: Overwrite = False,
-    quiet: Quiet = False,
-    unsafe_load: UnsafeLoad = False,
-    resume: Resume = False,
-    shard: ShardOpt = "",
-    label_format: LabelFormat = "name",
+    weights: Annotated[
+        Optional[str],
+        typer.Option(
+            "--weights",
+            help="For imagenet:NAME members: a local weights file (one such member) or a folder of NAME.h5 files. "
+            "Default: $CVTOOL_IMAGENET_WEIGHTS, else Keras' download cache.",
+            show_default=False,
+        ),
+    ] = None,
+    old_input: Annotated[Optional[Path], typer.Option("--input", "-i", hidden=True)] = None,
+    **options,
 ) -> int:
-    """Combine several models' predictions (classes aligned by name); predict's CSV format."""
-    from cvtool.combine import parse_weights
-    from cvtool.ensemble import ensemble as run_ensemble
+    """Combine several models' predictions (classes aligned by name); predict's CSV format.
 
-    options = _tta_options(transforms, reduce, crop_scale, copies, seed) if use_tta else None
+    INPUT is the last argument, as in every command: cvtool ensemble MODEL... INPUT --out CSV.
+    """
+    from cvtool.ensemble import ensemble as run_ensemble
+    from cvtool.errors import UsageError
+    from cvtool.progress import warn
+    from cvtool.rules import parse_weights
+
+    models = list(models or [])
+    if old_input is not None:  # deprecated spelling: every argument is a MODEL
+        warn("ensemble --input is deprecated and will be removed; give INPUT as the last argument")
+        models += [str(input)] if input is not None else []
+        input = old_input
+    if input is None or not models:
+        raise UsageError("give MODEL... and then INPUT (cvtool ensemble MODEL... INPUT --out CSV)")
+    if weights is not None and _is_number_list(weights):  # deprecated spelling of --rule-weights
+        warn("ensemble --weights N,N... is deprecated; use --rule-weights (--weights names ImageNet weights)")
+        rule_weights, weights = rule_weights or weights, None
     result = run_ensemble(
         models,
         input,
         out,
-        rule,
-        parse_weights(weights),
-        options,
-        top_k,
-        batch_size,
-        overwrite,
-        quiet,
-        unsafe_load,
-        resume,
-        shard,
-        label_format,
+        rule=rule,
+        rule_weights=parse_weights(rule_weights),
+        weights=weights,
+        tta=_tta_options(options, use=use_tta),
+        **options,
     )
-    _report(result.processed, result.failed, result.out, result.errors, quiet)
+    _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
 
 
-def _tta_options(transforms: str, reduce: str, crop_scale: float, copies: int, seed: int):
+def _is_number_list(text: str) -> bool:
+    """Is ``text`` a comma list of numbers (old ``ensemble --weights 0.5,0.5``) rather than a path?"""
+    try:
+        return bool([float(w) for w in text.split(",") if w.strip()]) and not Path(text).exists()
+    except ValueError:
+        return False
+
+
+def _tta_options(options: dict, use: bool = True):
+    """Take the TTA options out of a command's ``options``; with ``use``, they as one :class:`cvtool.tta.TtaOptions`."""
+    fields = {name: options.pop(name) for name in TTA_FIELDS}
+    if not use:
+        return None
     from cvtool.tta import TtaOptions, parse_transforms
 
-    return TtaOptions(parse_transforms(transforms), reduce, crop_scale, copies, seed)
+    return TtaOptions(**{**fields, "transforms": parse_transforms(fields["transforms"])})
 
 
 def _report(processed: int, failed: int, out: Path, errors: Path, quiet: bool) -> None:
@@ -751,6 +778,11 @@ def _report(processed: int, failed: int, out: Path, errors: Path, quiet: bool) -
         typer.echo(f"{processed} images done, {failed} failed (see {errors}); wrote {out}", err=True)
     elif not quiet:
         typer.echo(f"{processed} images done; wrote {out}", err=True)
+
+
+for _command in app.registered_commands:  # every command, whoever declared it, gets the plain --help
+    if _command.cls in (None, TyperCommand):
+        _command.cls = _PlainHelpCommand
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 Members are aligned by class name (same names in another order are fine; a
 different set is refused before any image is read), may have different
 input sizes and preprocessing (each image is decoded once and resized per
-member), and are combined by a rule from :mod:`cvtool.combine`.
+member), and are combined by a rule from :mod:`cvtool.rules`.
 """
 
 from __future__ import annotations
@@ -14,33 +14,42 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cvtool.bundle import Classifier
-from cvtool.combine import check_weights
 from cvtool.errors import UsageError
 from cvtool.images import list_images
+from cvtool.inference import write_predictions
+from cvtool.jobs import BatchJob, RunResult, Shard
 from cvtool.locks import holds_output_lock
-from cvtool.predict import BatchJob, RunResult, Shard, write_predictions
+from cvtool.rules import ENSEMBLE_RULES, check_weights
 from cvtool.scoring import Scorer, build_scorer, load_model_sets
 from cvtool.tta import TtaOptions, apply_tta
-
-RULES = ("mean", "weighted", "vote", "geometric")
 
 
 def ensemble_scorer(
     models: Sequence[str | Path | Classifier],
+    *,
     rule: str | None = None,
-    weights: Sequence[float] | None = None,
+    rule_weights: Sequence[float] | None = None,
     tta: TtaOptions | None = None,
     unsafe_load: bool = False,
-    model_weights: str | Path | None = None,
+    weights: str | Path | None = None,
 ) -> Scorer:
     """Load ``models`` (ensemble run directories contribute all their members) and combine them by ``rule``.
 
-    ``rule`` None: the manifest's rule for a single ensemble run directory, else ``mean``. ``weights``
-    are the weighted rule's; ``model_weights`` is a local weights file for a single ``imagenet:NAME`` model.
+    Args:
+        models: run directories, ``.keras`` files, ``imagenet:NAME`` names or loaded classifiers.
+        rule: how members are combined; None: the manifest's rule for a single ensemble run directory,
+            else ``mean``.
+        rule_weights: the weighted rule's weights, one per member.
+        tta: score the TTA views of every image with every member.
+        unsafe_load: allow models with Lambda layers or custom code.
+        weights: for ``imagenet:NAME`` models: a local weights file (one such model) or a folder of
+            ``NAME.h5`` files.
+
+    Example: ``ensemble_scorer(["runs/a", "runs/b"], rule="weighted", rule_weights=[2, 1])``.
     """
     if not models:
         raise UsageError("give at least one MODEL")
-    scorer = build_scorer(load_model_sets(models, unsafe_load, model_weights), rule, weights, RULES)
+    scorer = build_scorer(load_model_sets(models, unsafe_load, weights), rule, rule_weights)
     return apply_tta(scorer, tta) if tta is not None else scorer
 
 
@@ -49,27 +58,60 @@ def ensemble(
     models: Sequence[str | Path | Classifier],
     input: str | Path,
     out: str | Path,
+    *,
     rule: str | None = "mean",
-    weights: Sequence[float] | None = None,
+    rule_weights: Sequence[float] | None = None,
     tta: TtaOptions | None = None,
     top_k: int = 3,
     batch_size: int = 32,
     overwrite: bool = False,
     quiet: bool = False,
     unsafe_load: bool = False,
+    weights: str | Path | None = None,
+    label_format: str = "name",
     resume: bool = False,
     shard: str | Shard | None = None,
-    label_format: str = "name",
 ) -> RunResult:
     """Write the combined predictions of ``models`` for every image under ``input`` (predict's CSV format).
 
-    ``resume`` and ``shard`` work as in predict.
+    Args:
+        models: run directories, ``.keras`` files, ``imagenet:NAME`` names or loaded classifiers; an
+            ensemble run directory adds all its members.
+        input: an image file, or a folder searched recursively.
+        out: the predictions CSV to write.
+        rule: how members are combined (see :data:`cvtool.rules.ENSEMBLE_RULES`); None: a single
+            ensemble run's own rule.
+        rule_weights: the weighted rule's weights, one per member.
+        tta: also score the TTA views of every image with every member.
+        top_k: classes per row (capped at the class count).
+        batch_size: images per batch.
+        overwrite: replace an existing ``out``.
+        quiet: no progress bar or log lines.
+        unsafe_load: allow models with Lambda layers or custom code.
+        weights: for ``imagenet:NAME`` members: a local weights file (one such member) or a folder of
+            ``NAME.h5`` files.
+        label_format: ``name``, ``wnid`` or ``both``, for ``imagenet:NAME`` models.
+        resume: continue an interrupted run from ``out``'s partial files.
+        shard: ``"K/N"``: do only shard K of ``input``.
+
+    Example: ``ensemble(["runs/a", "runs/b"], "incoming/", "preds.csv", rule="geometric")``.
     """
-    if rule is not None and rule not in RULES:
-        raise UsageError(f"unknown --rule {rule!r}; choose from {', '.join(RULES)}")
     if rule is not None:
-        check_weights(rule, weights)  # before loading the models (their count is checked once they are loaded)
+        ENSEMBLE_RULES.entry(rule)  # an unknown rule is refused before anything is loaded
+        check_weights(rule, rule_weights)  # before loading the models (their count is checked once they are loaded)
     with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard) as job:
         items = list_images(input)
-        scorer = ensemble_scorer(models, rule, weights, tta, unsafe_load)
-        return write_predictions(scorer, items, job, top_k, batch_size, quiet, "ensemble", input, label_format)
+        scorer = ensemble_scorer(
+            models, rule=rule, rule_weights=rule_weights, tta=tta, unsafe_load=unsafe_load, weights=weights
+        )
+        return write_predictions(
+            scorer,
+            items,
+            job,
+            command="ensemble",
+            top_k=top_k,
+            batch_size=batch_size,
+            quiet=quiet,
+            input=input,
+            label_format=label_format,
+        )

@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import io
 import os
-import sys
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,17 +15,18 @@ import numpy as np
 
 from cvtool.batches import Failure
 from cvtool.bundle import Classifier
-from cvtool.combine import check_weights
 from cvtool.data import LAYOUTS, LabelledSet, read_class_folders, split_dirs
 from cvtool.ensemble import ensemble_scorer
 from cvtool.errors import UnusableError, UsageError
 from cvtool.fonts import text_fonts
 from cvtool.images import InputItem
+from cvtool.inference import prediction_cells, prediction_header, score_batches, top_k_indices
+from cvtool.jobs import ERRORS_HEADER
 from cvtool.locks import holds_output_lock
 from cvtool.metrics import rank_accuracy, summarise, true_class_rank
-from cvtool.outputs import CsvWriter, check_writable, path_cell, save_figure, write_csv, write_json
-from cvtool.predict import ERRORS_HEADER, prediction_cells, prediction_header, score_batches, top_k_indices
+from cvtool.outputs import CsvWriter, cell_path, path_cell, save_figure, write_csv, write_json
 from cvtool.progress import Progress, warn
+from cvtool.rules import ENSEMBLE_RULES, check_weights
 from cvtool.scoring import Scorer
 from cvtool.tta import TtaOptions, view_index
 
@@ -234,7 +234,7 @@ def labelled_from_csv(
         if not rel:
             failures.append(Failure(InputItem(data, ""), f"line {line}: the {path_column} cell is empty"))
             continue
-        path, reason = _find_labelled_file(rel, root, bases)
+        path, reason, rel = _find_labelled_file(rel, root, bases)
         item = InputItem(path if path is not None else data / rel, rel)
         if path is None:
             failures.append(Failure(item, reason))
@@ -263,32 +263,41 @@ def labelled_from_csv(
     return out, failures
 
 
-def _find_labelled_file(rel: str, root: Path, bases: Sequence[Path]) -> tuple[Path | None, str]:
-    """(the file a labels-CSV path names, or None and why): under DATA, else under the labels file's folder."""
-    forms = list(dict.fromkeys((rel, _nfc(rel), unicodedata.normalize("NFD", rel))))
-    outside = not (bases[0] / rel).resolve().is_relative_to(root)
+def _find_labelled_file(rel: str, root: Path, bases: Sequence[Path]) -> tuple[Path | None, str, str]:
+    """(the file a labels-CSV path names, or None and why; the path as outputs write it).
+
+    Looked up under DATA, else under the labels file's folder. A cell written by cvtool
+    (:func:`cvtool.outputs.path_cell`: ``caf\\xe9.jpg`` for a name that is not UTF-8) names the file
+    it was written for, so a predictions CSV can serve as labels; the cell as written is tried first.
+    """
+    decoded = cell_path(rel)
+    forms = list(dict.fromkeys((rel, decoded, _nfc(rel), unicodedata.normalize("NFD", rel))))
+    outside = not (bases[0] / decoded).resolve().is_relative_to(root)
     for base in bases:
         for form in forms:
             path = base / form
             if os.path.lexists(path):
                 if path.resolve().is_relative_to(root):
-                    return path, ""
+                    return path, "", decoded if form == decoded else rel
                 outside = True
     if outside:
-        return None, "path is outside the data folder; refused"
+        return None, "path is outside the data folder; refused", decoded
     where = " or the labels file's folder" if len(bases) > 1 else ""
-    return None, f"file not found in the data folder{where}"
+    return None, f"file not found in the data folder{where}", decoded
 
 
-@holds_output_lock("out_dir", folder=True)
+@holds_output_lock("out", folder=True)
 def evaluate(
     model: str | Path | Classifier | Sequence[str | Path | Classifier],
     data: str | Path,
-    out_dir: str | Path,
+    out: str | Path,
+    *,
     labels: str | Path | None = None,
     path_column: str = "path",
     label_column: str = "label",
+    delimiter: str | None = None,
     split: str = "auto",
+    layout: str = "auto",
     ranks: tuple[int, ...] = DEFAULT_RANKS,
     top_k: int = 3,
     batch_size: int = 32,
@@ -299,20 +308,39 @@ def evaluate(
     tta: TtaOptions | None = None,
     rule: str | None = None,
     rule_weights: Sequence[float] | None = None,
-    delimiter: str | None = None,
-    layout: str = "auto",
 ) -> EvalResult:
-    """Evaluate a model on a labelled folder (or a flat folder plus a labels CSV); write reports to ``out_dir``.
+    """Evaluate a model on a labelled folder (or a flat folder plus a labels CSV); write reports to ``out``.
 
-    Several models (or an ensemble run directory) are combined by ``rule`` (``rule_weights`` for the
-    weighted rule); with them or with ``tta``, ``metrics.json`` also compares each member alone, the
-    combination and the TTA gain side by side. ``weights`` is a local weights file for an
-    ``imagenet:NAME`` model. ``delimiter`` is the labels CSV's field delimiter (default: detected).
-    ``layout`` says how DATA's folders are read (auto, classes, splits).
+    Several models (or an ensemble run directory) are combined by ``rule``; with them or with ``tta``,
+    ``metrics.json`` also compares each member alone, the combination and the TTA gain side by side.
     An evaluation in which no image could be scored is refused (:class:`UnusableError`, exit 3)
     rather than reported as accuracy 0; its ``errors.csv`` says why.
+
+    Args:
+        model: a run directory, ``.keras`` file, ``imagenet:NAME`` or classifier, or a list of them.
+        data: a labelled folder (class folders, or train/validation/test splits), or with ``labels``
+            any folder of images.
+        out: the report folder (metrics.json, confusion matrices, predictions, misclassified, errors).
+        labels: a CSV of paths (relative to ``data``, else to its own folder) and labels.
+        path_column: the path column of ``labels``.
+        label_column: the label column of ``labels`` (class names, WordNet ids or numeric ids).
+        delimiter: the field delimiter of ``labels`` (default: detected from its header).
+        split: ``auto`` (test/, else validation/, else all), ``test``, ``validation``, ``train`` or ``all``.
+        layout: how ``data``'s folders are read (auto, classes, splits).
+        ranks: the N of rank-N (top-N) accuracy.
+        top_k: classes per row of predictions.csv.
+        batch_size: images per batch.
+        overwrite: replace existing reports.
+        quiet: no progress bar or log lines.
+        unsafe_load: allow models with Lambda layers or custom code.
+        weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
+        tta: also score the TTA views (which must include identity) and report the gain.
+        rule: how several models are combined; None: mean, or a single ensemble run's own rule.
+        rule_weights: the weighted rule's weights, one per model.
+
+    Example: ``evaluate("runs/clothes", "photos/", "reports/", ranks=(1, 5)).metrics["accuracy"]``.
     """
-    data, out_dir = Path(data), Path(out_dir)
+    data, out_dir = Path(data), Path(out)
     if not data.is_dir():
         raise UsageError(f"data folder not found: {data}")
     if labels is not None and not Path(labels).is_file():
@@ -323,11 +351,15 @@ def evaluate(
         raise UsageError("--rank values must be at least 1")
     if tta is not None and "identity" not in tta.transforms:
         raise UsageError("evaluate --tta needs identity among --transforms, to measure the gain over plain predictions")
-    if rule is not None:
-        check_weights(rule, rule_weights)  # before loading the models
-    check_writable(out_dir / METRICS_FILE, overwrite)
+    if rule is not None:  # before loading the models
+        ENSEMBLE_RULES.entry(rule)
+        check_weights(rule, rule_weights)
+    if (out_dir / METRICS_FILE).exists() and not overwrite:  # the folder itself is made when work starts
+        raise UsageError(f"{out_dir / METRICS_FILE} already exists; pass --overwrite to replace it")
     models = list(model) if isinstance(model, (list, tuple)) else [model]
-    scorer = ensemble_scorer(models, rule, rule_weights, tta, unsafe_load, model_weights=weights)
+    scorer = ensemble_scorer(
+        models, rule=rule, rule_weights=rule_weights, tta=tta, unsafe_load=unsafe_load, weights=weights
+    )
     names = scorer.class_names
     wnids = scorer.members[0].classifier.meta.get("wnids")
     comparing = len(scorer.members) > 1 or tta is not None
@@ -361,7 +393,7 @@ def evaluate(
             errors.write([path_cell(f.item.rel), f.reason])
             warn(f"{path_cell(f.item.rel)}: {f.reason}")
         for batch, member_probs in score_batches(scorer, labelled.items, batch_size):
-            probs = scorer.combine(member_probs)
+            probs = scorer.reduce_views_then_members(member_probs)
             for f in batch.failures:
                 errors.write([path_cell(f.item.rel), f.reason])
                 warn(f"{path_cell(f.item.rel)}: {f.reason}")
@@ -397,8 +429,6 @@ def evaluate(
     cm_shown, names_shown = cm[np.ix_(keep, keep)], [names[i] for i in keep]
     plot_confusion(cm_shown, names_shown, out_dir / "confusion_matrix.png", normalise=False)
     plot_confusion(cm_shown, names_shown, out_dir / "confusion_matrix_normalized.png", normalise=True)
-    if not quiet:
-        print(format_summary(metrics), file=sys.stdout)
     return EvalResult(metrics, len(y_true), len(failures), out_dir)
 
 
@@ -430,12 +460,12 @@ class Comparison:
         several = len(s.members) > 1
         out = {label: plain[:, i, 0] for i, label in enumerate(self.member_labels)}
         if several:
-            out["ensemble"] = s.combine(plain)
+            out["ensemble"] = s.reduce_views_then_members(plain)
         if self.tta is not None:
             for i, label in enumerate(self.member_labels):
-                out[f"{label} + tta"] = s.combine(member_probs[:, i : i + 1])
+                out[f"{label} + tta"] = s.reduce_views_then_members(member_probs[:, i : i + 1])
             if several:
-                out["ensemble + tta"] = s.combine(member_probs)
+                out["ensemble + tta"] = s.reduce_views_then_members(member_probs)
         return out
 
     def add(self, member_probs: np.ndarray, truth: np.ndarray) -> None:

@@ -71,14 +71,15 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     if cfg.is_hub and not cfg.arch[len(HUB_PREFIX) :]:
         raise UsageError("--backbone hub: needs a handle or a path, e.g. hub:/models/feature_vector")
     if not cfg.is_hub:
-        from cvtool.models import get_backbone
+        from cvtool.backbones import get_backbone
 
         get_backbone(cfg.arch)
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int, image_size: tuple[int, int]):
     """The classifier with the backbone's weights loaded per ``cfg.weights`` (imagenet, none or a file)."""
-    from cvtool.models import backbone_classifier, get_backbone
+    from cvtool.architectures import backbone_classifier
+    from cvtool.backbones import get_backbone
 
     backbone = get_backbone(cfg.arch)
     weights = cfg.weights
@@ -185,8 +186,8 @@ def finetune(
 
 def _finetune_backbone(data, run: RunFolder, cfg: FinetuneConfig, state: dict | None, quiet: bool, total: int):
     """The two phases on a keras.applications backbone."""
+    from cvtool.backbones import get_backbone
     from cvtool.devices import distribution_strategy, strategy_name
-    from cvtool.models import get_backbone
 
     backbone = get_backbone(cfg.arch)
     side = cfg.image_size or backbone.size

@@ -27,12 +27,12 @@ from importlib import resources
 from pathlib import Path
 
 from cvtool.errors import UnusableError, UsageError
+from cvtool.registry import Registry
 
 PREFIX = "imagenet:"
 WEIGHTS_ENV = "CVTOOL_IMAGENET_WEIGHTS"
 CLASS_INDEX_FILE = "imagenet_class_index.json"
 NUM_CLASSES = 1000
-LABEL_FORMATS = ("name", "wnid", "both")
 WEIGHT_SUFFIXES = (".weights.h5", ".h5", ".keras")
 
 # Each network's module in keras.applications (its preprocess_input lives there).
@@ -120,9 +120,9 @@ def build_model(name: str, weights: str | os.PathLike | None = None):
 
     ``weights`` is None (random), "imagenet" (Keras download/cache) or a local file.
     """
+    from cvtool.architectures import image_input
     from cvtool.backbones import BACKBONES
     from cvtool.layers import Preprocess
-    from cvtool.models import image_input
     from cvtool.runtime import keras
 
     backbone = BACKBONES[name]
@@ -174,22 +174,51 @@ def load_imagenet(spec: str, weights: str | os.PathLike | None = None):
     return Classifier(model=model, class_names=class_names(), image_size=(size, size), meta=meta, source=spec)
 
 
+# How a CSV names the classes of an ``imagenet:NAME`` model (``--label-format``): label(wnid, name).
+LABEL_FORMATS = Registry("--label-format")
+
+
+@LABEL_FORMATS.register("name", help="golden_retriever", needs_wnids=False)
+def _by_name(wnid: str, name: str) -> str:
+    return name
+
+
+@LABEL_FORMATS.register("wnid", help="n02099601", needs_wnids=True)
+def _by_wnid(wnid: str, name: str) -> str:
+    return wnid
+
+
+@LABEL_FORMATS.register("both", help="n02099601 golden_retriever, as ImageNet's synset_words.txt", needs_wnids=True)
+def _by_both(wnid: str, name: str) -> str:
+    return f"{wnid} {name}"
+
+
 def check_label_format(label_format: str) -> str:
-    if label_format not in LABEL_FORMATS:
-        raise UsageError(f"--label-format must be one of {', '.join(LABEL_FORMATS)}, got {label_format!r}")
+    """``label_format`` if it is registered in :data:`LABEL_FORMATS`, else a usage error (exit 2).
+
+    Args:
+        label_format: the ``--label-format`` given.
+
+    Example: ``check_label_format("wnid")``.
+    """
+    LABEL_FORMATS.entry(label_format)
     return label_format
 
 
 def label_names(class_names_: list[str], meta: dict, label_format: str = "name") -> list[str]:
-    """Class labels as a CSV shows them: ``name`` (golden_retriever), ``wnid`` (n02099601) or ``both``.
+    """Class labels as a CSV shows them, in the format ``label_format`` (see :data:`LABEL_FORMATS`).
 
-    ``both`` is "n02099601 golden_retriever", the layout of ImageNet's synset_words.txt.
+    Args:
+        class_names_: the model's class names.
+        meta: the model's metadata (``wnids`` for ``imagenet:NAME`` models).
+        label_format: ``name`` (golden_retriever), ``wnid`` (n02099601) or ``both`` ("n02099601 golden_retriever").
+
+    Example: ``label_names(classifier.class_names, classifier.meta, "wnid")``.
     """
-    if check_label_format(label_format) == "name":
-        return list(class_names_)
+    entry = LABEL_FORMATS.entry(label_format)
+    if not entry.info["needs_wnids"]:
+        return [entry.func("", n) for n in class_names_]
     ids = meta.get("wnids")
     if not ids or len(ids) != len(class_names_):
         raise UsageError(f"--label-format {label_format} needs a model with WordNet ids (an {PREFIX}NAME model)")
-    if label_format == "wnid":
-        return list(ids)
-    return [f"{w} {n}" for w, n in zip(ids, class_names_)]
+    return [entry.func(w, n) for w, n in zip(ids, class_names_)]

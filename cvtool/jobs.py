@@ -1,7 +1,7 @@
 """Batch jobs that survive interruptions and split across machines: --resume, --shard K/N, signals.
 
-A :class:`BatchJob` is the output of a batch command (predict, and later tta,
-ensemble, gradcam, segment): a rows CSV, its errors CSV and a small JSON
+A :class:`BatchJob` is the output of a batch command (predict, tta, ensemble,
+gradcam, segment): a rows CSV, its errors CSV and a small JSON
 sidecar that records which model and options made them. While it runs, rows
 go to fixed partial names (``preds.csv.part``, ``preds.errors.csv.part``),
 flushed after every batch; at the end they are renamed into place. A killed
@@ -15,7 +15,7 @@ reported and skipped, so rows stay in input order and shards still merge.
 Hooking a command up takes a few lines::
 
     @holds_output_lock("out")  # the lock covers the whole command, from its first check
-    def predict(model, input, out, ...):
+    def predict(model, input, out, *, overwrite=False, resume=False, shard=None, ...):
         job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard)  # refuses early
         items = list_images(input)
         ...load the model...
@@ -278,7 +278,6 @@ class BatchJob:
         if has_partial and not resume:
             for p in (*self.parts, self.inputs_record):
                 p.unlink(missing_ok=True)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
 
     def open(self, items: Sequence[InputItem], header: Sequence[str], identity: dict) -> list[InputItem]:
         """Start (or continue) the job; returns the inputs still to do, in input order.
@@ -286,6 +285,9 @@ class BatchJob:
         ``identity``: "command", "model" (a fingerprint) and "settings" (every option that
         changes a row) - what a resumed partial and merged shards must agree on.
         """
+        # The output folder is made when work starts: a run refused earlier (a model that does not load)
+        # leaves no empty --out folder behind.
+        self.out.parent.mkdir(parents=True, exist_ok=True)
         identity = {**identity, "header": list(header), "shard": str(self.shard) if self.shard else None}
         identity = json.loads(json.dumps(identity))  # as the sidecar holds it (tuples become lists)
         mine = take_shard(items, self.shard)

@@ -58,8 +58,21 @@ def _errors_of_named(path: Path, named: set[Path]) -> bool:
 
 
 @holds_output_lock("out")
-def merge(out: str | Path, shards: Sequence[str | Path], overwrite: bool = False, partial: bool = False) -> RunResult:
-    """Write ``out`` and its errors CSV from ``shards``; rows sorted by path as ``list_images`` orders them."""
+def merge(
+    out: str | Path, shards: Sequence[str | Path], *, overwrite: bool = False, partial: bool = False
+) -> RunResult:
+    """Write ``out`` and its errors CSV from ``shards``; rows sorted by path as ``list_images`` orders them.
+
+    ``out`` comes first, as on the command line (``cvtool merge OUT SHARD...``).
+
+    Args:
+        out: the combined CSV to write (its errors CSV and sidecar go beside it).
+        shards: the shard CSVs (their errors CSVs travel with them; naming them too is harmless).
+        overwrite: replace an existing ``out``.
+        partial: merge even if some shards of K/N are missing.
+
+    Example: ``merge("preds.csv", sorted(Path("parts").glob("part-*.csv")))``.
+    """
     out = Path(out)
     shards = [Path(s) for s in shards]
     # A shell glob such as part-*.csv also matches each shard's errors CSV: those travel with their shard.

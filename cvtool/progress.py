@@ -1,7 +1,10 @@
 """Progress reporting: a tqdm bar on a terminal, periodic log lines otherwise.
 
 Cron jobs and containers get one plain line every few seconds on stderr
-instead of carriage-return bars; ``quiet`` silences both.
+instead of carriage-return bars; ``quiet`` silences both. While a bar is on
+screen, :func:`warn` and :func:`info` print through tqdm (the bar is cleared,
+the line printed, the bar redrawn), so a warning never lands in the middle of a
+bar; a finished bar stays on screen at 100%.
 """
 
 from __future__ import annotations
@@ -19,6 +22,18 @@ def log_interval() -> float:
     return env_int("CVTOOL_LOG_INTERVAL", LOG_INTERVAL)
 
 
+_bars: list = []  # the tqdm bars on screen now: lines printed meanwhile go through tqdm.write
+
+
+def _print(line: str) -> None:
+    if _bars:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
 class Progress:
     """Counts processed items (``unit``); use as a context manager.
 
@@ -26,7 +41,13 @@ class Progress:
     """
 
     def __init__(
-        self, total: int | None, desc: str, quiet: bool = False, interval: float | None = None, unit: str = "img"
+        self,
+        total: int | None,
+        desc: str,
+        quiet: bool = False,
+        interval: float | None = None,
+        unit: str = "img",
+        leave: bool = True,
     ):
         self.total, self.desc, self.quiet = total, desc, quiet
         self.interval = log_interval() if interval is None else interval
@@ -36,7 +57,9 @@ class Progress:
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+            # A finished bar stays at 100%, except the per-epoch batch bars of training (leave=False).
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=leave)
+            _bars.append(self._bar)
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -55,6 +78,7 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
+            _bars.remove(self._bar)
             self._bar.close()
             self._bar = None
 
@@ -67,10 +91,10 @@ class Progress:
 
 def warn(message: str) -> None:
     """One warning line on stderr; printed even with --quiet, which only silences progress."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    _print(f"warning: {message}")
 
 
 def info(message: str, quiet: bool = False) -> None:
     """One informational line on stderr, silenced by --quiet."""
     if not quiet:
-        print(message, file=sys.stderr, flush=True)
+        _print(message)

@@ -1,7 +1,7 @@
 """From decoded images to class probabilities: one model, TTA views, or an ensemble of models.
 
 A :class:`Scorer` is the one thing predict, tta, ensemble and evaluate run in
-their shared loop (:func:`cvtool.predict.classify_batches`):
+their shared loop (:mod:`cvtool.inference`):
 
 - :meth:`Scorer.decode` runs in the decode threads: it opens each image once
   per member input size (with that size's JPEG draft scale, so each member sees
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cvtool import combine
+from cvtool import rules
 from cvtool.bundle import Classifier, ModelSet, load_models
-from cvtool.errors import UnusableError
+from cvtool.errors import UnusableError, UsageError
 from cvtool.images import InputItem, open_rgb_sizes, resize
 
 # views(image, (height, width), rng) -> list of uint8 HxWx3 arrays, the same number for every image.
@@ -58,8 +58,8 @@ class Scorer:
     members: list[Member]
     class_names: list[str]
     views: Views = plain_view
-    reduce_views: combine.Rule = combine.mean
-    rule: combine.Rule = combine.mean
+    reduce_views: rules.Rule = rules.mean
+    rule: rules.Rule = rules.mean
     rule_name: str = "mean"
     rule_weights: list[float] | None = None  # the weighted rule's, one per member
     seed: int = 0
@@ -102,7 +102,7 @@ class Scorer:
             out.append(probs[:, m.order].reshape(n, v, -1))
         return np.stack(out, axis=1)
 
-    def combine(self, member_probs: np.ndarray) -> np.ndarray:
+    def reduce_views_then_members(self, member_probs: np.ndarray) -> np.ndarray:
         """[images, members, views, classes] -> [images, classes]: reduce views per member, then members."""
         n, k, v, c = member_probs.shape
         if n == 0:
@@ -112,7 +112,7 @@ class Scorer:
         return per_member[:, 0] if k == 1 else self.rule(per_member)
 
     def score(self, payloads: Sequence[list[np.ndarray]]) -> np.ndarray:
-        return self.combine(self.member_probs(payloads))
+        return self.reduce_views_then_members(self.member_probs(payloads))
 
 
 def class_keys(classifier: Classifier) -> list[str]:
@@ -122,7 +122,13 @@ def class_keys(classifier: Classifier) -> list[str]:
 
 
 def align(classifiers: Sequence[Classifier]) -> list[Member]:
-    """Members in the first model's class order, matched by name; a different class set is refused."""
+    """Members in the first model's class order, matched by name; a different class set is refused (exit 3).
+
+    Args:
+        classifiers: the loaded models.
+
+    Example: ``[m.order for m in align([a, b])]``.
+    """
     if len(classifiers) == 1:
         c = classifiers[0]
         return [Member(c, np.arange(c.num_classes))]
@@ -147,16 +153,36 @@ def align(classifiers: Sequence[Classifier]) -> list[Member]:
 def load_model_sets(
     specs: Sequence[str | Path | Classifier], unsafe: bool = False, weights: str | Path | None = None
 ) -> list[ModelSet]:
-    """Load every MODEL argument; ``weights`` (a local file for ``imagenet:NAME``) only with a single model."""
-    if weights is not None and len(specs) != 1:
-        from cvtool.errors import UsageError
+    """Load every MODEL argument; ``weights`` is for the ``imagenet:NAME`` ones.
 
-        raise UsageError(
-            "--weights names one model's weights file; for several imagenet: models use a folder in "
-            "CVTOOL_IMAGENET_WEIGHTS"
-        )
+    With one MODEL it is that model's weights file (or folder). With several, it goes to each
+    ``imagenet:NAME`` model and must be a folder of ``NAME.h5`` files when there are several of those.
+
+    Args:
+        specs: run directories, ``.keras`` files, ``imagenet:NAME`` names or loaded classifiers.
+        unsafe: allow models with Lambda layers or custom code.
+        weights: a local weights file or folder for ``imagenet:NAME`` models.
+
+    Example: ``load_model_sets(["imagenet:resnet50", "imagenet:vgg16"], weights="weights/")``.
+    """
+    from cvtool.imagenet import is_imagenet_spec
+
+    def takes_weights(spec) -> bool:
+        return len(specs) == 1 or (not isinstance(spec, Classifier) and is_imagenet_spec(spec))
+
+    if weights is not None and len(specs) > 1:
+        if not any(takes_weights(s) for s in specs):
+            raise UsageError("--weights is for imagenet:NAME models; none of the MODELs is one")
+        if sum(takes_weights(s) for s in specs) > 1 and not Path(weights).is_dir():
+            raise UsageError(
+                "--weights names one model's weights file; for several imagenet: models give a folder of NAME.h5 "
+                "files (or set CVTOOL_IMAGENET_WEIGHTS to one)"
+            )
     return [
-        ModelSet([s], source=s.source) if isinstance(s, Classifier) else load_models(s, unsafe, weights) for s in specs
+        ModelSet([s], source=s.source)
+        if isinstance(s, Classifier)
+        else load_models(s, unsafe, weights if takes_weights(s) else None)
+        for s in specs
     ]
 
 
@@ -164,11 +190,16 @@ def build_scorer(
     sets: Sequence[ModelSet],
     rule: str | None = None,
     weights: Sequence[float] | None = None,
-    rules: Sequence[str] = ("mean", "weighted", "vote", "geometric"),
 ) -> Scorer:
     """A scorer over every member of ``sets`` (an ensemble run contributes all its members).
 
-    ``rule`` None takes the ensemble manifest's rule when a single ensemble run is given, else ``mean``.
+    Args:
+        sets: the loaded MODEL arguments (:func:`load_model_sets`).
+        rule: how members are combined (:data:`cvtool.rules.ENSEMBLE_RULES`); None takes the ensemble
+            manifest's rule when a single ensemble run is given, else ``mean``.
+        weights: the weighted rule's weights, one per member.
+
+    Example: ``build_scorer(load_model_sets(["runs/a", "runs/b"]), rule="vote")``.
     """
     classifiers = [c for s in sets for c in s.members]
     if rule is None:
@@ -177,7 +208,9 @@ def build_scorer(
     members = align(classifiers)
     source = sets[0].source if len(sets) == 1 else ",".join(s.source for s in sets)
     scorer = Scorer(members, list(classifiers[0].class_names), source=source)
-    combined = combine.get_rule(rule, rules, weights, len(members))  # checks the rule and weights, one model too
+    combined = rules.get_rule(
+        rule, rules.ENSEMBLE_RULES, weights, len(members)
+    )  # checks the rule and weights, one model too
     if len(members) > 1:
         scorer.rule, scorer.rule_name = combined, rule
         scorer.rule_weights = [float(w) for w in weights] if rule == "weighted" else None
@@ -185,5 +218,13 @@ def build_scorer(
 
 
 def load_scorer(model: str | Path | Classifier, unsafe: bool = False, weights: str | Path | None = None) -> Scorer:
-    """The scorer for one MODEL argument: a model, or an ensemble run directory with its own rule."""
+    """The scorer for one MODEL argument: a model, or an ensemble run directory with its own rule.
+
+    Args:
+        model: a run directory, ``.keras`` file, ``imagenet:NAME``, ensemble run directory or classifier.
+        unsafe: allow models with Lambda layers or custom code.
+        weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
+
+    Example: ``load_scorer("runs/ens").score(payloads)``.
+    """
     return build_scorer(load_model_sets([model], unsafe, weights))

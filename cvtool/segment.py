@@ -127,25 +127,38 @@ class Labeller:
         self.classes = classes
 
 
-@holds_output_lock("out_dir", folder=True)
+@holds_output_lock("out", folder=True)
 def segment(
     input: str | Path,
-    out_dir: str | Path,
+    out: str | Path,
+    *,
     config: SegmentConfig | None = None,
+    model: SegmentationModel | None = None,
     overwrite: bool = False,
     quiet: bool = False,
-    model: SegmentationModel | None = None,
     resume: bool = False,
     shard: str | Shard | None = None,
 ) -> RunResult:
-    """Segment every image under ``input`` into ``out_dir``; returns counts and file locations.
+    """Segment every image under ``input`` into ``out``; returns counts and file locations.
 
     Each image's files are written (atomically) before its ``pixels.csv`` rows,
-    so ``resume`` continues an interrupted run; ``shard`` ("K/N") does only that share.
+    so ``resume`` continues an interrupted run.
+
+    Args:
+        input: an image file, or a folder searched recursively.
+        out: the output folder (masks, colour masks, overlays mirroring ``input``; legend.png, pixels.csv).
+        config: the model to load and how its output is read (default: :class:`SegmentConfig`'s).
+        model: an already loaded segmentation model (then ``config.model`` is not loaded).
+        overwrite: replace existing outputs.
+        quiet: no progress bar or log lines.
+        resume: continue an interrupted run from its partial files.
+        shard: ``"K/N"``: do only shard K of ``input``.
+
+    Example: ``segment("photos/", "masks/", config=SegmentConfig(model="seg.keras", batch_size=2))``.
     """
     cfg = config or SegmentConfig()
     _check_config(cfg)
-    out_dir = Path(out_dir)  # a file there is refused by the output lock, before anything else
+    out_dir = Path(out)  # a file there is refused by the output lock, before anything else
     items = list_images(input, exclude=out_dir)
     if not items:
         warn(f"no images found in {input}")

@@ -47,8 +47,8 @@ def train(
 
     Usage: ``train("photos/", "runs/a", cfg=TrainConfig(epochs=5))``.
     """
+    from cvtool.architectures import build_scratch, default_image_size
     from cvtool.devices import distribution_strategy, seed_everything, strategy_name
-    from cvtool.models import build_scratch, default_image_size
 
     run, cfg, state = open_run(out, cfg, cls=TrainConfig, kind="train", overwrite=overwrite, resume=resume)
     with run:

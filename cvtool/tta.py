@@ -17,18 +17,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cvtool import combine
 from cvtool.bundle import Classifier
 from cvtool.errors import UsageError
 from cvtool.images import list_images, resize
+from cvtool.inference import write_predictions
+from cvtool.jobs import BatchJob, RunResult, Shard
 from cvtool.locks import holds_output_lock
-from cvtool.predict import BatchJob, RunResult, Shard, write_predictions
+from cvtool.registry import Registry
+from cvtool.rules import VIEW_REDUCERS, get_rule
 from cvtool.scoring import Scorer, load_scorer
 
 # Measured on clothing-small validation with default-recipe models (bench/tta_views.py, README): a flip helps,
 # crops, scale crops, vflip and rot90 hurt there.
 DEFAULT_TRANSFORMS = ("identity", "hflip")
-REDUCERS = ("mean", "max", "vote")
 
 
 @dataclass
@@ -46,12 +47,11 @@ class TtaOptions:
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
         if not self.transforms or unknown:
             raise UsageError(
-                f"unknown transform {', '.join(unknown) or '(none given)'}; choose from {', '.join(TRANSFORMS)}"
+                f"unknown transform {', '.join(unknown) or '(none given)'}; choose from {', '.join(TRANSFORMS.names())}"
             )
         if len(set(self.transforms)) != len(self.transforms):
             raise UsageError("--transforms lists a transform twice")
-        if self.reduce not in REDUCERS:
-            raise UsageError(f"unknown --reduce {self.reduce!r}; choose from {', '.join(REDUCERS)}")
+        VIEW_REDUCERS.entry(self.reduce)  # an unknown name is refused with the choices
         if not 0.1 <= self.crop_scale <= 1.0:
             raise UsageError("--crop-scale must be between 0.1 and 1")
         if self.copies < 1:
@@ -81,54 +81,62 @@ class ViewSource:
 
 Transform = Callable[[ViewSource], list[np.ndarray]]
 
+# Every TTA transform: its name on the command line, what it does, and how many views it makes
+# (``views(options)``); ``--transforms``' help and choices, view_counts and the views themselves read it.
+TRANSFORMS = Registry("transform")
 
+
+def _one(options: TtaOptions) -> int:
+    return 1
+
+
+def _copies(options: TtaOptions) -> int:
+    return options.copies
+
+
+@TRANSFORMS.register("identity", help="the image as predict sees it", views=_one)
 def identity(src: ViewSource) -> list[np.ndarray]:
     return [src.resized]
 
 
+@TRANSFORMS.register("hflip", help="mirrored left-right", views=_one)
 def hflip(src: ViewSource) -> list[np.ndarray]:
     return [src.resized[:, ::-1]]
 
 
+@TRANSFORMS.register("vflip", help="upside down", views=_one)
 def vflip(src: ViewSource) -> list[np.ndarray]:
     return [src.resized[::-1]]
 
 
+@TRANSFORMS.register("rot90", help="a quarter turn", views=_one)
 def rot90(src: ViewSource) -> list[np.ndarray]:
     """Rotated a quarter turn counter-clockwise (resized first to the transposed size, so nothing is cut)."""
     h, w = src.size
     return [np.rot90(resize(src.img, (w, h)))]
 
 
+@TRANSFORMS.register("crop", help="5 crops: corners and centre", views=lambda options: 5)
 def crop(src: ViewSource) -> list[np.ndarray]:
     """Five crops at ``crop_scale``: the four corners and the centre."""
     s = src.options.crop_scale
     return [src.crop(x, y, s) for x, y in ((0, 0), (1, 0), (0, 1), (1, 1), (0.5, 0.5))]
 
 
+@TRANSFORMS.register("scale", help="random scale crops", views=_copies)
 def scale(src: ViewSource) -> list[np.ndarray]:
     """``copies`` random crops whose side is a random fraction in [crop_scale, 1], at a random position."""
     s = src.options.crop_scale
     return [src.crop(*src.rng.uniform(0, 1, 2), src.rng.uniform(s, 1.0)) for _ in range(src.options.copies)]
 
 
+@TRANSFORMS.register("brightness", help="random brightness", views=_copies)
 def brightness(src: ViewSource) -> list[np.ndarray]:
     """``copies`` copies with brightness multiplied by a random factor in [1 - b, 1 + b]."""
     b = src.options.brightness
     base = src.resized.astype(np.float32)
     factors = src.rng.uniform(1 - b, 1 + b, src.options.copies)
     return [np.clip(base * f + 0.5, 0, 255).astype(np.uint8) for f in factors]
-
-
-TRANSFORMS: dict[str, Transform] = {
-    "identity": identity,
-    "hflip": hflip,
-    "vflip": vflip,
-    "rot90": rot90,
-    "crop": crop,
-    "scale": scale,
-    "brightness": brightness,
-}
 
 
 class TtaViews:
@@ -139,30 +147,55 @@ class TtaViews:
 
     def __call__(self, img: Image.Image, size: tuple[int, int], rng: np.random.Generator) -> list[np.ndarray]:
         src = ViewSource(img, size, rng, self.options)
-        return [np.ascontiguousarray(v) for name in self.options.transforms for v in TRANSFORMS[name](src)]
+        return [np.ascontiguousarray(v) for name in self.options.transforms for v in TRANSFORMS.get(name)(src)]
 
 
 def view_counts(options: TtaOptions) -> dict[str, int]:
-    """How many views each chosen transform makes, in order."""
-    per = {"crop": 5, "scale": options.copies, "brightness": options.copies}
-    return {t: per.get(t, 1) for t in options.transforms}
+    """How many views each chosen transform makes, in order (the ``views`` its registry entry gives).
+
+    Args:
+        options: the chosen transforms and their settings.
+
+    Example: ``view_counts(TtaOptions(transforms=("identity", "crop")))`` is ``{"identity": 1, "crop": 5}``.
+    """
+    return {t: TRANSFORMS.entry(t).info["views"](options) for t in options.transforms}
 
 
 def view_index(options: TtaOptions, transform: str) -> int:
-    """Position of the first view made by ``transform`` among an image's views."""
+    """Position of the first view made by ``transform`` among an image's views.
+
+    Args:
+        options: the chosen transforms and their settings.
+        transform: one of ``options.transforms``.
+
+    Example: ``view_index(TtaOptions(transforms=("crop", "identity")), "identity")`` is 5.
+    """
     counts = view_counts(options)
     return sum(counts[t] for t in options.transforms[: options.transforms.index(transform)])
 
 
 def parse_transforms(text: str) -> tuple[str, ...]:
-    """``"identity,hflip,crop"`` -> ("identity", "hflip", "crop")."""
+    """``--transforms`` as a tuple of names (checked by :class:`TtaOptions`).
+
+    Args:
+        text: a comma list.
+
+    Example: ``parse_transforms("identity,hflip,crop")`` is ``("identity", "hflip", "crop")``.
+    """
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def apply_tta(scorer: Scorer, options: TtaOptions) -> Scorer:
-    """``scorer`` with every member scoring the TTA views of each image, reduced by ``options.reduce``."""
+    """``scorer`` with every member scoring the TTA views of each image, reduced by ``options.reduce``.
+
+    Args:
+        scorer: the scorer to change (returned, changed in place).
+        options: which views, how they are reduced, their seed.
+
+    Example: ``apply_tta(load_scorer("runs/clothes"), TtaOptions(transforms=("identity", "crop")))``.
+    """
     scorer.views = TtaViews(options)
-    scorer.reduce_views = combine.get_rule(options.reduce, REDUCERS)
+    scorer.reduce_views = get_rule(options.reduce, VIEW_REDUCERS)
     scorer.seed = options.seed
     return scorer
 
@@ -172,24 +205,51 @@ def tta(
     model: str | Path | Classifier,
     input: str | Path,
     out: str | Path,
+    *,
     options: TtaOptions | None = None,
     top_k: int = 3,
     batch_size: int = 32,
     overwrite: bool = False,
     quiet: bool = False,
     unsafe_load: bool = False,
+    label_format: str = "name",
+    weights: str | Path | None = None,
     resume: bool = False,
     shard: str | Shard | None = None,
-    weights: str | Path | None = None,
-    label_format: str = "name",
 ) -> RunResult:
-    """Write predictions averaged (``options.reduce``) over the TTA views of every image under ``input``.
+    """Write predictions reduced (``options.reduce``) over the TTA views of every image under ``input``.
 
-    Same CSV, errors CSV, exit codes, ``resume`` and ``shard`` as predict. ``batch_size`` counts images
-    (each brings its views).
+    Same CSV, errors CSV, exit codes, ``resume`` and ``shard`` as :func:`cvtool.predict.predict`.
+
+    Args:
+        model: a run directory, a ``.keras`` file, ``imagenet:NAME``, an ensemble run directory, or a classifier.
+        input: an image file, or a folder searched recursively.
+        out: the predictions CSV to write.
+        options: which views and how they are reduced (default: identity and hflip, mean).
+        top_k: classes per row (capped at the class count).
+        batch_size: images per batch (each brings its views).
+        overwrite: replace an existing ``out``.
+        quiet: no progress bar or log lines.
+        unsafe_load: allow models with Lambda layers or custom code.
+        label_format: ``name``, ``wnid`` or ``both``, for ``imagenet:NAME`` models.
+        weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
+        resume: continue an interrupted run from ``out``'s partial files.
+        shard: ``"K/N"``: do only shard K of ``input``.
+
+    Example: ``tta("runs/clothes", "incoming/", "preds.csv", options=TtaOptions(transforms=("identity", "crop")))``.
     """
     options = options or TtaOptions()
     with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard) as job:
         items = list_images(input)
         scorer = apply_tta(load_scorer(model, unsafe=unsafe_load, weights=weights), options)
-        return write_predictions(scorer, items, job, top_k, batch_size, quiet, "tta", input, label_format)
+        return write_predictions(
+            scorer,
+            items,
+            job,
+            command="tta",
+            top_k=top_k,
+            batch_size=batch_size,
+            quiet=quiet,
+            input=input,
+            label_format=label_format,
+        )

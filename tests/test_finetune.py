@@ -32,7 +32,7 @@ def backbone_weights(tmp_path_factory) -> Path:
     """A weights file of the backbone without top, as an offline machine would have (random, seeded)."""
     import keras
 
-    from cvtool.models import BACKBONES
+    from cvtool.backbones import BACKBONES
 
     keras.utils.set_random_seed(123)
     path = tmp_path_factory.mktemp("weights") / f"{BACKBONE}.weights.h5"
@@ -41,7 +41,7 @@ def backbone_weights(tmp_path_factory) -> Path:
 
 
 def reference_backbone(weights: Path):
-    from cvtool.models import BACKBONES
+    from cvtool.backbones import BACKBONES
 
     net = BACKBONES[BACKBONE].build((SIZE, SIZE), weights=None)
     net.load_weights(weights)

@@ -234,10 +234,11 @@ def test_bad_options_exit_2(trained_run, colour_data, tmp_path, extra, message):
 
 
 def test_mobilenet_backbone_classifier_run(colour_data, tmp_path):
+    from cvtool.architectures import backbone_classifier
+    from cvtool.backbones import get_backbone
     from cvtool.bundle import load_classifier, save_model, write_meta
     from cvtool.cam import CamModel
     from cvtool.gradcam import gradcam
-    from cvtool.models import backbone_classifier, get_backbone
 
     run = tmp_path / "mnv2"
     model = backbone_classifier(get_backbone("mobilenet_v2"), 3, (64, 64), weights=None)

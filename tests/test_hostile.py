@@ -41,7 +41,7 @@ COMMANDS = {
     "predict": Case(("predict", "{model}", "{input}", "--out", "{out}/preds.csv"), "preds.errors.csv", "preds.csv"),
     "tta": Case(("tta", "{model}", "{input}", "--out", "{out}/tta.csv"), "tta.errors.csv", "tta.csv"),
     "ensemble": Case(
-        ("ensemble", "{model}", "{model}", "--input", "{input}", "--out", "{out}/ens.csv"), "ens.errors.csv", "ens.csv"
+        ("ensemble", "{model}", "{model}", "{input}", "--out", "{out}/ens.csv"), "ens.errors.csv", "ens.csv"
     ),
     "gradcam": Case(("gradcam", "{model}", "{input}", "--out", "{out}/cam"), "cam/errors.csv", "cam/gradcam.csv"),
     "segment": Case(

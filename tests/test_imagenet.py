@@ -104,8 +104,8 @@ def test_every_imagenet_name_preprocesses_like_its_keras_function():
     import keras
 
     from cvtool import imagenet
+    from cvtool.backbones import BACKBONES
     from cvtool.layers import Preprocess
-    from cvtool.models import BACKBONES
 
     pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype("float32")
     for name in ("vgg16", "resnet50", "inception_v3", "xception", "mobilenet_v2", "mobilenet_v3_large"):
@@ -329,7 +329,15 @@ def test_evaluate_takes_wordnet_ids_and_names_in_labels_csv(imagenet_classifier,
             writer.writerow([rel, wnid if i % 2 else name])  # the model's own top-1: ids and names mixed
         writer.writerow(["img0.png", "crane"])  # two ImageNet classes are called "crane"
     result = evaluate(
-        imagenet_classifier, photos, tmp_path / "report", labels, "file", "synset", top_k=1, ranks=(1, 5), quiet=True
+        imagenet_classifier,
+        photos,
+        tmp_path / "report",
+        labels=labels,
+        path_column="file",
+        label_column="synset",
+        top_k=1,
+        ranks=(1, 5),
+        quiet=True,
     )
     assert result.metrics["samples"] == len(expected) and result.metrics["accuracy"] == 1.0
     assert result.failed == 1 and result.exit_code == 1

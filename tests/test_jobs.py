@@ -294,7 +294,7 @@ def test_a_lock_of_a_dead_run_is_taken_over(many, trained_run, tmp_path):
 
 def test_merge_and_resume_refuse_shards_made_with_other_ensemble_weights(many, trained_run, run_copy, tmp_path):
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
-    common = ["ensemble", trained_run, run_copy, "--input", many / "batch_1", "--rule", "weighted", "-q"]
+    common = ["ensemble", trained_run, run_copy, many / "batch_1", "--rule", "weighted", "-q"]
     assert cli(*common, "--weights", "1,0", "--out", a, "--shard", "0/2").exit_code == 0
     assert cli(*common, "--weights", "0,1", "--out", b, "--shard", "1/2").exit_code == 0
     refused = cli("merge", tmp_path / "m.csv", a, b)

@@ -32,7 +32,7 @@ def all_commands(model: Path, data: Path, segmodel: Path, out: Path, missing: Pa
     return {
         "predict": ["predict", model, data, "--out", out / "p.csv"],
         "tta": ["tta", model, data, "--out", out / "p.csv"],
-        "ensemble": ["ensemble", model, model, "--input", data, "--out", out / "p.csv"],
+        "ensemble": ["ensemble", model, model, data, "--out", out / "p.csv"],
         "evaluate": ["evaluate", model, data, "--out", out],
         "gradcam": ["gradcam", model, data, "--out", out],
         "segment": ["segment", data, "--model", segmodel, "--out", out],
@@ -159,7 +159,7 @@ def test_files_named_in_latin1_are_processed_by_every_command_and_written_escape
     cafe = "red/caf\\xe9.png"
     for command in ("predict", "tta", "ensemble"):
         out = tmp_path / f"{command}.csv"
-        args = [command, trained_run, *([trained_run, "--input"] if command == "ensemble" else []), latin1_names]
+        args = [command, trained_run, *([trained_run] if command == "ensemble" else []), latin1_names]
         result = cli(*args, "--out", out, "-q")
         assert result.exit_code == 0, (command, result.output)
         paths = [r[0] for r in read_rows(out)]
@@ -205,17 +205,17 @@ def test_latin1_names_resume_and_merge_like_any_other(latin1_names, trained_run,
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--rule", "weighted", "--weights", "nan,1"], "must be finite"),
-        (["--rule", "weighted", "--weights", "1,inf"], "must be finite"),
-        (["--rule", "mean", "--weights", "5,1"], "--rule mean does not use them"),
-        (["--rule", "vote", "--weights", "1,1"], "--rule vote does not use them"),
+        (["--rule", "weighted", "--rule-weights", "nan,1"], "must be finite"),
+        (["--rule", "weighted", "--rule-weights", "1,inf"], "must be finite"),
+        (["--rule", "mean", "--rule-weights", "5,1"], "--rule mean does not use them"),
+        (["--rule", "vote", "--rule-weights", "1,1"], "--rule vote does not use them"),
     ],
 )
 def test_ensemble_refuses_weights_that_are_not_finite_or_that_its_rule_ignores(
     trained_run, colour_data, tmp_path, options, message
 ):
     out = tmp_path / "p.csv"
-    result = cli("ensemble", trained_run, trained_run, "--input", colour_data, "--out", out, *options)
+    result = cli("ensemble", trained_run, trained_run, colour_data, "--out", out, *options)
     assert result.exit_code == 2 and message in result.stderr, result.output
     assert not out.exists()
     evaluate_options = [o if o != "--weights" else "--rule-weights" for o in options]

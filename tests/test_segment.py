@@ -154,7 +154,7 @@ def test_loaded_model_with_variables_runs_after_garbage_collection(models, name)
 
 def test_masks_equal_expected_ids_at_input_size_and_mirror_paths(models, photos, tmp_path):
     out = tmp_path / "seg"
-    result = segment(photos, out, SegmentConfig(model=str(models["predict"]), batch_size=2), quiet=True)
+    result = segment(photos, out, config=SegmentConfig(model=str(models["predict"]), batch_size=2), quiet=True)
     assert (result.processed, result.failed, result.exit_code) == (4, 0, 0)
     for rel in SIZES:
         stem = out / rel.rsplit(".", 1)[0]
@@ -168,7 +168,7 @@ def test_masks_equal_expected_ids_at_input_size_and_mirror_paths(models, photos,
 
 def test_mask_png_round_trips_ids_and_palette(models, photos, tmp_path):
     out = tmp_path / "seg"
-    segment(photos / "a.png", out, SegmentConfig(model=str(models["predict"]), overlay_format="png"), quiet=True)
+    segment(photos / "a.png", out, config=SegmentConfig(model=str(models["predict"]), overlay_format="png"), quiet=True)
     mask = Image.open(out / "a.mask.png")
     ids = np.asarray(mask)
     table = camvid()
@@ -197,7 +197,7 @@ def test_keep_background_marks_dark_pixels_255(models, photos, tmp_path):
 
 def test_pixels_csv_counts_every_pixel_with_class_names(models, photos, tmp_path):
     out = tmp_path / "seg"
-    segment(photos, out, SegmentConfig(model=str(models["predict"])), quiet=True)
+    segment(photos, out, config=SegmentConfig(model=str(models["predict"])), quiet=True)
     rows = read_csv(out / "pixels.csv")
     assert list(rows[0]) == ["path", "class", "pixels", "fraction"]
     assert sorted({r["path"] for r in rows}) == sorted(SIZES)
@@ -214,13 +214,13 @@ def test_class_file_csv_with_background_channel(models, photos, tmp_path):
     classes = tmp_path / "rgb.csv"
     classes.write_text("id,name,r,g,b\n7,red,255,0,0\n8,green,0,255,0\n9,blue,0,0,255\n")
     out = tmp_path / "seg"
-    segment(photos / "nested", out, SegmentConfig(model=str(models["call"]), classes=classes), quiet=True)
+    segment(photos / "nested", out, config=SegmentConfig(model=str(models["call"]), classes=classes), quiet=True)
     mask = np.asarray(Image.open(out / "deeper" / "c.mask.png"))
     np.testing.assert_array_equal(mask, expected_ids(decoded(photos, "nested/deeper/c.png"), lut=(7, 8, 9)))
     assert {r["class"] for r in read_csv(out / "pixels.csv")} <= {"red", "green", "blue"}
     kept = tmp_path / "kept"
     cfg = SegmentConfig(model=str(models["call"]), classes=classes, drop_background=False)
-    segment(photos / "nested", kept, cfg, quiet=True)
+    segment(photos / "nested", kept, config=cfg, quiet=True)
     want = expected_ids(decoded(photos, "nested/deeper/c.png"), lut=(7, 8, 9), keep_background=True)
     np.testing.assert_array_equal(np.asarray(Image.open(kept / "deeper" / "c.mask.png")), want)
 
@@ -231,7 +231,7 @@ def test_keras_model_with_json_class_file(models, photos, tmp_path):
     classes.write_text(json.dumps(entries + [{"id": 5, "name": "blue", "color": [0, 0, 255]}]))
     out = tmp_path / "seg"
     cfg = SegmentConfig(model=str(models["keras"]), classes=classes, input_range="0-255")
-    result = segment(photos / "a.png", out, cfg, quiet=True)
+    result = segment(photos / "a.png", out, config=cfg, quiet=True)
     assert result.exit_code == 0
     # Channels follow ascending ids: channel 0 -> id 1 (green), 1 -> id 3 (red), 2 -> id 5 (blue).
     np.testing.assert_array_equal(
@@ -243,7 +243,7 @@ def test_keras_model_with_json_class_file(models, photos, tmp_path):
 
 def test_serving_default_id_map_gets_numbered_classes(models, photos, tmp_path):
     out = tmp_path / "seg"
-    segment(photos / "nested" / "d.png", out, SegmentConfig(model=str(models["signature"])), quiet=True)
+    segment(photos / "nested" / "d.png", out, config=SegmentConfig(model=str(models["signature"])), quiet=True)
     np.testing.assert_array_equal(
         np.asarray(Image.open(out / "d.mask.png")), expected_ids(decoded(photos, "nested/d.png"))
     )
@@ -268,7 +268,7 @@ def test_resized_model_input_gives_mask_at_original_size(models, tmp_path, optio
     if "classes" in option:
         option["classes"] = tmp_path / option["classes"]
     out = tmp_path / "seg"
-    segment(tmp_path / "wide.png", out, SegmentConfig(**option), quiet=True)
+    segment(tmp_path / "wide.png", out, config=SegmentConfig(**option), quiet=True)
     mask = np.asarray(Image.open(out / "wide.mask.png"))
     assert mask.shape == (48, 64)
     assert (mask[:, :32] == 0).all() and (mask[:, 32:] == 2).all()

@@ -138,7 +138,7 @@ def test_ensemble_scores_equal_the_rule_applied_to_members_predictions(
     if rule == "geometric":
         # The CSV rounds scores to 6 decimals: the trained model's near-zero scores would make log() meaningless.
         loaded, member_preds = loaded[1:], member_preds[1:]
-    result = ensemble(loaded, colour_data / "validation", out, rule, weights, top_k=3, quiet=True)
+    result = ensemble(loaded, colour_data / "validation", out, rule=rule, rule_weights=weights, top_k=3, quiet=True)
     assert result.exit_code == 0 and result.processed == 36
     rows = read_csv(out)
     assert list(rows[0]) == ["path", "label", "score", "label_2", "score_2", "label_3", "score_3"]
@@ -158,7 +158,7 @@ def test_members_listed_in_another_class_order_are_aligned_by_name(trained_run, 
     reordered = permuted_copy(trained_run, tmp_path / "reordered", ["red", "blue", "green"])
     single, ens = tmp_path / "single.csv", tmp_path / "ens.csv"
     run("predict", str(trained_run), str(colour_data / "validation"), "--out", str(single), "--top-k", "3")
-    run("ensemble", str(trained_run), str(reordered), "--input", str(colour_data / "validation"), "--out", str(ens),
+    run("ensemble", str(trained_run), str(reordered), str(colour_data / "validation"), "--out", str(ens),
         "--top-k", "3", "--rule", "geometric")  # fmt: skip
     np.testing.assert_allclose(as_matrix(probs_by_path(ens)), as_matrix(probs_by_path(single)), atol=2e-6)
     assert [r["label"] for r in read_csv(ens)] == [r["label"] for r in read_csv(single)]
@@ -167,9 +167,7 @@ def test_members_listed_in_another_class_order_are_aligned_by_name(trained_run, 
 def test_members_with_a_different_class_set_are_refused_before_any_work(members, colour_data, tmp_path):
     other = colour_model(tmp_path / "other", ["blue", "green", "yellow"], 32, seed=3, scale=1 / 255, offset=0.0)
     out = tmp_path / "ens.csv"
-    result = runner.invoke(
-        app, ["ensemble", str(members[0]), str(other), "--input", str(colour_data), "--out", str(out)]
-    )
+    result = runner.invoke(app, ["ensemble", str(members[0]), str(other), str(colour_data), "--out", str(out)])
     assert result.exit_code == 3
     assert "class set" in result.output and "yellow" in result.output
     assert not out.exists() and not (tmp_path / "ens.errors.csv").exists()
@@ -328,5 +326,5 @@ def test_ensemble_members_of_other_sizes_see_predicts_pixels_on_full_size_jpegs(
     for i, m in enumerate(loaded):
         predict(m, photos, tmp_path / f"{i}.csv", top_k=3, quiet=True)
         alone.append(as_matrix(probs_by_path(tmp_path / f"{i}.csv")))
-    ensemble(loaded, photos, tmp_path / "ens.csv", "mean", None, top_k=3, quiet=True)
+    ensemble(loaded, photos, tmp_path / "ens.csv", rule="mean", top_k=3, quiet=True)
     np.testing.assert_allclose(as_matrix(probs_by_path(tmp_path / "ens.csv")), np.mean(alone, axis=0), atol=2e-5)

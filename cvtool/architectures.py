@@ -1,4 +1,7 @@
-"""Network architectures: the cookbook's small CNN and keras.applications backbones.
+"""Network architectures: the cookbook's small CNN and classifiers on keras.applications backbones.
+
+(Not the `cvtool models` command, which lists what can be given as MODEL: that is :mod:`cvtool.catalog`.
+The backbones themselves are registered in :mod:`cvtool.backbones`.)
 
 Every classifier cvtool builds takes RGB pixels in [0, 255] at its input and
 carries its own preprocessing (:class:`cvtool.layers.Preprocess`), so a saved
@@ -7,7 +10,7 @@ model needs nothing but decoded, resized pixels.
 
 from __future__ import annotations
 
-from cvtool.backbones import BACKBONES, SCRATCH_ARCHS, SMALL_CNN_SIZE, Backbone, get_backbone  # noqa: F401
+from cvtool.backbones import SCRATCH_ARCHS, SMALL_CNN_SIZE, Backbone, get_backbone
 from cvtool.errors import UsageError
 from cvtool.layers import Preprocess
 from cvtool.runtime import keras
