@@ -537,16 +537,16 @@ def segment(
     from cvtool.segment import segment as run_segment
 
     cfg = SegmentConfig(
-        model,
-        classes,
-        input_range,
-        parse_size(input_size),
-        max_side,
-        drop_background,
-        alpha,
-        overlay_format,
-        batch_size,
-        unsafe_load,
+        model=model,
+        classes=classes,
+        input_range=input_range,
+        input_size=parse_size(input_size),
+        max_side=max_side,
+        drop_background=drop_background,
+        alpha=alpha,
+        overlay_format=overlay_format,
+        batch_size=batch_size,
+        unsafe_load=unsafe_load,
     )
     result = run_segment(input, out, config=cfg, **options)
     _report(result.processed, result.failed, out, result.errors, options["quiet"])
@@ -619,7 +619,9 @@ def gradcam(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="One map per each of the top K classes.")] = 1,
     layer: Annotated[
         Optional[str],
-        typer.Option(help="Target layer name (or backbone/NAME) (default: last layer with a 4-D output)"),
+        typer.Option(
+            help="Target layer name (or backbone/NAME) (default: the last convolution block's output, before pooling)"
+        ),
     ] = None,
     method: Method = "gradcam",
     colormap: Annotated[str, typer.Option(help="OpenCV colour map name (jet, viridis, inferno, turbo...).")] = "jet",
