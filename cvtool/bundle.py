@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,7 @@ def resolve_model_path(spec: str | os.PathLike) -> tuple[Path, Path | None]:
             meta_model = _meta_model_file(path)
             return path / meta_model, path
         if (path / MODEL_FILE).exists():
+            _refuse_unfinished_run(path)
             return path / MODEL_FILE, None
         if (path / "saved_model.pb").exists():
             raise UnusableError(
@@ -156,7 +158,22 @@ def resolve_model_path(spec: str | os.PathLike) -> tuple[Path, Path | None]:
             )
         raise UnusableError(f"{path} is not a run directory: it has no {META_FILE} or {MODEL_FILE}")
     owners = [path.parent, path.parent.parent] if path.parent.name == CHECKPOINT_DIR else [path.parent]
-    return path, next((folder for folder in owners if (folder / META_FILE).exists()), None)
+    run_dir = next((folder for folder in owners if (folder / META_FILE).exists()), None)
+    if run_dir is None:
+        _refuse_unfinished_run(owners[-1])
+    return path, run_dir
+
+
+def _refuse_unfinished_run(folder: Path) -> None:
+    """A training run killed before its first cvtool.json has models but no class names: refuse it.
+
+    Its ``model.keras`` would otherwise predict class numbers (``0``, ``1``...) with exit 0.
+    """
+    if (folder / CHECKPOINT_DIR).is_dir() or (folder / "history.csv").exists():
+        raise UnusableError(
+            f"{folder} is a training run that did not finish (it has no {META_FILE} with its class names yet); "
+            f"continue it with `cvtool train DATA --out {folder} --resume`"
+        )
 
 
 def _meta_model_file(run_dir: Path) -> str:
@@ -176,6 +193,8 @@ def load_keras_model(path: str | os.PathLike, unsafe: bool = False, compile: boo
     path = Path(path)
     if not path.is_file():
         raise UnusableError(f"model file not found: {path}")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise UnusableError(f"{path} is not a Keras model file (a .keras file is a zip archive)")
     try:
         return keras.models.load_model(path, compile=compile, safe_mode=not unsafe)
     except ValueError as exc:

@@ -736,6 +736,8 @@ def ensemble(
     models = list(models or [])
     if old_input is not None:  # deprecated spelling: every argument is a MODEL
         warn("ensemble --input is deprecated and will be removed; give INPUT as the last argument")
+        if input is not None and input.resolve() == old_input.resolve():
+            raise UsageError(f"INPUT {input} is given twice (as the last argument and with --input); give it once")
         models += [str(input)] if input is not None else []
         input = old_input
     if input is None or not models:

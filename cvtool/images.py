@@ -50,6 +50,10 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
+# Files that make a folder a model (cvtool.bundle's META_FILE, MODEL_FILE), never an INPUT of images.
+RUN_MARKERS = ("cvtool.json", "model.keras")
+
+
 def list_images(root: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[InputItem]:
     """All image files under ``root`` (recursive, sorted by relative path).
 
@@ -65,6 +69,10 @@ def list_images(root: str | os.PathLike, exclude: str | os.PathLike | None = Non
         return [InputItem(root, root.name)]
     if not root.is_dir():
         raise UsageError(f"input not found: {root}")
+    if any((root / name).is_file() for name in RUN_MARKERS):
+        # e.g. `ensemble run-a run-b --out x.csv` with INPUT forgotten: the last MODEL taken for INPUT
+        # would be "classified" (its history.png) with exit 0.
+        raise UsageError(f"INPUT {root} is a run directory (a model), not images; give the images last")
     items, seen = [], set()
     if exclude is not None and Path(exclude).is_dir():
         st = os.stat(exclude)

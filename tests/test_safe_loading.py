@@ -123,3 +123,37 @@ def test_labels_csv_paths_escaping_the_data_root_are_refused(trained_run, tmp_pa
     assert all("outside the data folder" in reason for _, reason in errors)
     assert sorted(r[0] for r in read_rows(tmp_path / "rep" / "predictions.csv")) == sorted(allowed)
     assert json.loads((tmp_path / "rep" / "metrics.json").read_text())["samples"] == len(allowed)
+
+
+def test_a_training_run_killed_before_its_cvtool_json_is_refused_not_numbered(run_copy, colour_data, tmp_path):
+    """A run with model.keras and checkpoints/ but no cvtool.json predicted classes '0', '1'... with exit 0."""
+    (run_copy / "cvtool.json").unlink()
+    for model in (run_copy, *sorted((run_copy / "checkpoints").glob("*.keras"))[:1]):
+        result = cli("predict", model, colour_data / "validation", "--out", tmp_path / "p.csv", "-q")
+        one_line_error(result, 3, "did not finish")
+        assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_file_named_keras_that_is_not_a_model_says_so(colour_data, tmp_path):
+    fake = tmp_path / "fake.keras"
+    fake.write_text("path,label\n")
+    result = cli("predict", fake, colour_data / "validation", "--out", tmp_path / "p.csv")
+    one_line_error(result, 3, "is not a Keras model file")
+
+
+def test_a_run_directory_given_as_input_is_a_usage_error(trained_run, tmp_path):
+    """`ensemble run-a run-b --out x.csv` (INPUT forgotten) classified run-b's history.png with exit 0."""
+    from cvtool.bundle import META_FILE, MODEL_FILE
+    from cvtool.images import RUN_MARKERS
+
+    assert RUN_MARKERS == (META_FILE, MODEL_FILE)
+    for args in (("predict", trained_run, trained_run), ("ensemble", trained_run, trained_run)):
+        result = cli(*args, "--out", tmp_path / "x.csv", "-q")
+        one_line_error(result, 2, "is a run directory")
+        assert not (tmp_path / "x.csv").exists()
+
+
+def test_ensemble_input_given_twice_is_a_usage_error(trained_run, colour_data, tmp_path):
+    images = colour_data / "validation"
+    result = cli("ensemble", trained_run, images, "--input", images, "--out", tmp_path / "x.csv", "-q")
+    assert result.exit_code == 2 and "given twice" in result.stderr, result.stderr
