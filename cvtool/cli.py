@@ -29,14 +29,6 @@ from cvtool.tta import DEFAULT_TRANSFORMS, TRANSFORMS
 COMMAND_ORDER = ("train", "finetune", "predict", "tta", "ensemble", "evaluate", "gradcam", "segment", "merge", "models")
 
 
-class _CommandsInWorkflowOrder(TyperGroup):
-    """`cvtool --help` lists commands in the order of a workflow, not of their definition."""
-
-    def list_commands(self, ctx) -> list[str]:
-        names = super().list_commands(ctx)
-        return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
-
-
 # Plain metavars in --help: a flag shows no value placeholder, a value shows an upper-case word (INTEGER,
 # PATH, TEXT or its own metavar), arguments their name (MODEL, INPUT, DATA), the usage line plain names.
 _TYPE_METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH"}
@@ -64,17 +56,31 @@ class _PlainArgument(TyperArgument):
         return name if self.required else f"[{name}]"
 
 
+def _plain(params: list) -> list:
+    for p in params:  # Typer builds its own parameter classes: give them the plain display
+        if type(p) is TyperOption:
+            p.__class__ = _PlainOption
+        elif type(p) is TyperArgument:
+            p.__class__ = _PlainArgument
+    return params
+
+
 class _PlainHelpCommand(TyperCommand):
     """A command whose --help shows plain metavars (Typer's own shows ``<bool>``, ``{MODEL}``, ``data``)."""
 
     def get_params(self, ctx) -> list:
-        params = super().get_params(ctx)
-        for p in params:  # Typer builds its own parameter classes: give them the plain display
-            if type(p) is TyperOption:
-                p.__class__ = _PlainOption
-            elif type(p) is TyperArgument:
-                p.__class__ = _PlainArgument
-        return params
+        return _plain(super().get_params(ctx))
+
+
+class _CommandsInWorkflowOrder(TyperGroup):
+    """`cvtool --help`: commands in the order of a workflow, not of their definition; plain metavars."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: COMMAND_ORDER.index(n) if n in COMMAND_ORDER else len(COMMAND_ORDER))
+
+    def get_params(self, ctx) -> list:
+        return _plain(super().get_params(ctx))
 
 
 app = typer.Typer(

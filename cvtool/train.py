@@ -14,7 +14,18 @@ from cvtool.config import TrainConfig
 from cvtool.errors import UsageError
 from cvtool.locks import holds_output_lock
 from cvtool.progress import info
-from cvtool.trainer import Trainer, TrainResult, load_data, open_run, precision_scope, write_run_meta
+from cvtool.trainer import Trainer, TrainResult, load_data, open_run, precision_scope, validate, write_run_meta
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    """:func:`cvtool.trainer.validate`, and ``arch`` one of the networks train builds from scratch."""
+    from cvtool.backbones import SCRATCH_ARCHS
+
+    if cfg.arch not in SCRATCH_ARCHS:
+        raise UsageError(
+            f"--arch must be one of {', '.join(SCRATCH_ARCHS)}, got {cfg.arch!r} (other backbones: cvtool finetune)"
+        )
+    validate(cfg)
 
 
 @holds_output_lock("out", folder=True)
@@ -50,7 +61,9 @@ def train(
     from cvtool.architectures import build_scratch, default_image_size
     from cvtool.devices import distribution_strategy, seed_everything, strategy_name
 
-    run, cfg, state = open_run(out, cfg, cls=TrainConfig, kind="train", overwrite=overwrite, resume=resume)
+    run, cfg, state = open_run(
+        out, cfg, cls=TrainConfig, kind="train", overwrite=overwrite, resume=resume, check=validate_train
+    )
     with run:
         if cfg.epochs < 1:
             raise UsageError("--epochs must be at least 1")

@@ -83,6 +83,12 @@ def test_help_shows_plain_metavars(command):
     assert "{" not in usage and all(re.fullmatch(r"\[?[A-Z_]+(\.\.\.)?\]?(\.\.\.)?", a) for a in arguments), usage
 
 
+def test_top_level_help_shows_no_value_placeholder_after_its_flags():
+    text = cli("--help").output
+    assert not re.search(r"<(bool|str|int|float|path|list)[^>]*>", text), text
+    assert re.search(r"--version\s+Print", text), text
+
+
 def test_flags_show_no_value_placeholder():
     text = cli("predict", "--help").output
     overwrite = next(line for line in text.splitlines() if "--overwrite" in line)

@@ -285,3 +285,15 @@ def test_data_discovery_leaves_out_the_given_folder(tmp_path):
     Image.new("RGB", (8, 8)).save(ensemble / "member-1" / "history.png")
     assert discover(data, val_split=0.0, exclude=ensemble).class_names == ["a", "b"]
     assert discover(data, val_split=0.0).class_names == ["a", "b", "ensemble"]
+
+
+def test_train_arch_outside_the_from_scratch_networks_is_a_usage_error_naming_them(colour_data, tmp_path):
+    """train --arch nope listed finetune's backbones (without small-cnn) as the choices."""
+    from typer.testing import CliRunner
+
+    from cvtool.cli import app
+
+    result = CliRunner().invoke(app, ["train", str(colour_data), "--out", str(tmp_path / "r"), "--arch", "vgg16"])
+    assert result.exit_code == 2, result.output
+    assert "small-cnn" in result.stderr and "cvtool finetune" in result.stderr, result.stderr
+    assert not (tmp_path / "r").exists()
