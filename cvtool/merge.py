@@ -84,8 +84,9 @@ def merge(
     for shard in shards:
         if not shard.is_file():
             raise UsageError(f"shard CSV not found: {shard}")
-        if shard.resolve() == out.resolve():
-            raise UsageError(f"{out} is also one of the shards; write the merge to another file")
+        written = {p.resolve() for p in (out, errors_path(out), sidecar_path(out))}
+        if written & {p.resolve() for p in (shard, errors_path(shard), sidecar_path(shard))}:
+            raise UsageError(f"{out} would overwrite {shard} or its errors/job files; write the merge to another file")
         meta = read_sidecar(shard)
         if meta is None or meta.get("format") != SIDECAR_FORMAT or not isinstance(meta.get("header"), list):
             raise UnusableError(

@@ -120,6 +120,12 @@ def test_shards_union_equals_unsharded_run_and_merge_restores_it(many, reference
     assert missing.exit_code == 3 and "2/3 missing" in missing.stderr
     assert cli("merge", tmp_path / "m3.csv", shards[0], shards[1], "--partial").exit_code == 1
     assert cli("merge", merged, *shards).exit_code == 2
+    # Not even with --overwrite onto a shard's own errors CSV (which merge reads): exit 2, the shard intact.
+    shard_errors = tmp_path / "part0.errors.csv"
+    before = shard_errors.read_bytes()
+    onto = cli("merge", shard_errors, *shards, "--overwrite")
+    assert onto.exit_code == 2 and "would overwrite" in onto.stderr, onto.stderr
+    assert shard_errors.read_bytes() == before
     plain = tmp_path / "plain.csv"
     plain.write_text("path,label,score\n")
     assert cli("merge", tmp_path / "m4.csv", plain).exit_code == 3
