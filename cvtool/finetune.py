@@ -43,6 +43,7 @@ from cvtool.trainer import (
     Trainer,
     TrainingData,
     TrainResult,
+    finished_run,
     load_data,
     open_run,
     precision_scope,
@@ -177,7 +178,7 @@ def finetune(
     with run:
         total = cfg.head_epochs + (0 if cfg.is_hub else cfg.epochs)
         if state is not None and state["epoch"] >= total and state.get("phase") != HEAD_PHASE:
-            raise UsageError(f"{run.target} already ran {state['epoch']} epochs; pass a larger --epochs to continue")
+            return finished_run(run, state["epoch"], quiet)
         seed_everything(cfg.seed + (state["epoch"] if state else 0), cfg.deterministic)
         if cfg.is_hub:
             return _finetune_hub(data, run, cfg, state, quiet)

@@ -142,9 +142,17 @@ def identity_difference(old: dict, new: dict) -> str | None:
             return key if key in ("model", "header") else f"{key} ({_show(a)}, now {_show(b)})"
         if not (isinstance(a, dict) and isinstance(b, dict)):
             return "settings (one was recorded by an older cvtool)"
-        name = next(n for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n))
-        return f"{name} ({_show(a.get(name))}, now {_show(b.get(name))})"
+        return _first_difference(a, b)
     return None
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    """``views.seed (0, now 1)``: nested settings (TTA views, rendering) are followed to the field that differs."""
+    name = next(n for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n))
+    x, y = a.get(name), b.get(name)
+    if isinstance(x, dict) and isinstance(y, dict):
+        return _first_difference(x, y, f"{prefix}{name}.")
+    return f"{prefix}{name} ({_show(x)}, now {_show(y)})"
 
 
 def _show(value) -> str:

@@ -14,7 +14,16 @@ from cvtool.config import TrainConfig
 from cvtool.errors import UsageError
 from cvtool.locks import holds_output_lock
 from cvtool.progress import info
-from cvtool.trainer import Trainer, TrainResult, load_data, open_run, precision_scope, validate, write_run_meta
+from cvtool.trainer import (
+    Trainer,
+    TrainResult,
+    finished_run,
+    load_data,
+    open_run,
+    precision_scope,
+    validate,
+    write_run_meta,
+)
 
 
 def validate_train(cfg: TrainConfig) -> None:
@@ -68,7 +77,7 @@ def train(
         if cfg.epochs < 1:
             raise UsageError("--epochs must be at least 1")
         if state is not None and state["epoch"] >= cfg.epochs:
-            raise UsageError(f"{run.target} already ran {state['epoch']} epochs; pass a larger --epochs to continue")
+            return finished_run(run, state["epoch"], quiet)
         side = cfg.image_size or default_image_size(cfg.arch)
         seed_everything(cfg.seed + (state["epoch"] if state else 0), cfg.deterministic)
         with precision_scope(cfg.mixed_precision) as mixed:

@@ -156,6 +156,20 @@ class RunFolder:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
+def finished_run(run: RunFolder, epochs_done: int, quiet: bool) -> TrainResult:
+    """``--resume`` of a run that already ran its epochs: nothing to do, so a retried job succeeds.
+
+    Returns the run's recorded result; a run with no ``cvtool.json`` (killed at its very end) is a usage error.
+    """
+    from cvtool.bundle import read_meta
+
+    hint = "pass a larger --epochs to continue"
+    if not (run.target / META_FILE).exists():
+        raise UsageError(f"{run.target} already ran {epochs_done} epochs; {hint}")
+    info(f"{run.target} already ran {epochs_done} epochs: nothing to do ({hint})", quiet)
+    return TrainResult(run.target, read_meta(run.target).get("metrics", {}), [])
+
+
 def prepare_run_dir(out: str | Path, overwrite: bool) -> RunFolder:
     """The folder a new run goes to: ``out``, or beside it when it replaces the run there (``overwrite``)."""
     run_dir = Path(out)

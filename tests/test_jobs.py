@@ -361,3 +361,14 @@ def test_resume_skips_inputs_added_since_the_start_so_shards_still_merge_in_inpu
     assert merged.exit_code == 1, merged.stderr
     paths = [r[0] for r in read_rows(tmp_path / "all.csv")]
     assert paths == sorted(paths) and len(paths) == 360 - 1 and added not in paths
+
+
+def test_a_setting_that_differs_inside_nested_options_is_named_alone():
+    """A resume refused over the TTA views named the whole dict ({'transforms': [...], ...}); now the one field."""
+    from cvtool.jobs import identity_difference
+
+    views = {"transforms": ["identity", "hflip"], "reduce": "mean", "seed": 0}
+    old = {"command": "tta", "settings": {"views": views, "top_k": 3}}
+    new = {"command": "tta", "settings": {"views": {**views, "seed": 1}, "top_k": 3}}
+    assert identity_difference(old, new) == "views.seed (0, now 1)"
+    assert identity_difference(old, old) is None

@@ -160,3 +160,16 @@ def test_balanced_class_weights_reach_the_batches():
     ds = training_dataset(DecodedSet(images, labels, [], []), 8, True, 0, None, 2, weights)
     x, y, w = next(iter(ds))
     assert np.allclose(np.asarray(w), weights[np.argmax(np.asarray(y), axis=1)])
+
+
+def test_resume_of_a_finished_run_is_nothing_to_do_with_exit_0(run_copy, colour_data):
+    """A retried cron/Kubernetes train job (--resume on a finished run) exited 2; it has nothing to do: exit 0."""
+    from typer.testing import CliRunner
+
+    from cvtool.cli import app
+
+    model = (run_copy / "model.keras").read_bytes()
+    result = CliRunner().invoke(app, ["train", str(colour_data), "--out", str(run_copy), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "nothing to do" in result.stderr
+    assert (run_copy / "model.keras").read_bytes() == model
