@@ -750,6 +750,8 @@ def ensemble(
         raise UsageError("give MODEL... and then INPUT (cvtool ensemble MODEL... INPUT --out CSV)")
     if weights is not None and _is_number_list(weights):  # deprecated spelling of --rule-weights
         warn("ensemble --weights N,N... is deprecated; use --rule-weights (--weights names ImageNet weights)")
+        if rule_weights:
+            raise UsageError("give the rule's weights once: --rule-weights (not also the deprecated --weights N,N)")
         rule_weights, weights = rule_weights or weights, None
     result = run_ensemble(
         models,

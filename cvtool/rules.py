@@ -109,7 +109,10 @@ def check_weights(rule: str, weights: Sequence[float] | None, sources: int = 0) 
     if not weights:
         raise UsageError("the weighted rule needs --rule-weights, one per model (e.g. 0.5,0.3,0.2)")
     if sources and len(weights) != sources:
-        raise UsageError(f"--rule-weights has {len(weights)} values for {sources} models")
+        raise UsageError(
+            f"--rule-weights has {len(weights)} values for {sources} models "
+            "(an ensemble run directory counts as each of its members)"
+        )
     if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
         raise UsageError(
             f"--rule-weights must be finite numbers >= 0, not all zero; got {','.join(str(w) for w in weights)}"

@@ -203,3 +203,10 @@ def test_evaluate_labels_csv_reads_path_cells_as_cvtool_writes_them(trained_run,
     assert result.failed == 0 and result.metrics["samples"] == 2
     rows = (tmp_path / "report" / "predictions.csv").read_text(encoding="utf-8")
     assert cell in rows
+
+
+def test_ensemble_rule_weights_given_with_both_spellings_is_a_usage_error(trained_run, colour_data, tmp_path):
+    args = ["ensemble", str(trained_run), str(trained_run), str(colour_data / "validation"), "--out"]
+    result = cli(*args, str(tmp_path / "e.csv"), "--rule", "weighted", "--weights", "1,2", "--rule-weights", "1,2")
+    assert result.exit_code == 2 and "once" in result.stderr, result.stderr
+    assert not (tmp_path / "e.csv").exists()
