@@ -134,6 +134,17 @@ def read_meta(run_dir: str | os.PathLike) -> dict:
     return meta
 
 
+def fetch_model(spec):
+    """A MODEL given as a URL (run directory, ``.keras`` file, SavedModel folder) as its local cached copy.
+
+    Fetched once per content (ETag/size/mtime) into ``CVTOOL_CACHE_DIR/models`` and then loaded like a
+    local model (with ``safe_mode``); local paths, ``imagenet:NAME`` and loaded models are returned as given.
+    """
+    from cvtool.storage import fetch
+
+    return fetch(spec, "models") if isinstance(spec, str) else spec
+
+
 def resolve_model_path(spec: str | os.PathLike) -> tuple[Path, Path | None]:
     """(model file, run directory or None) for a run directory or a model file.
 
@@ -290,8 +301,10 @@ def write_ensemble_manifest(
 def load_models(spec: str | os.PathLike, unsafe: bool = False, weights: str | os.PathLike | None = None) -> ModelSet:
     """Load what a MODEL argument names: a run directory, a ``.keras`` file, ``imagenet:NAME``, or an ensemble run.
 
-    ``weights`` is a local weights file for an ``imagenet:NAME`` model.
+    ``weights`` is a local weights file for an ``imagenet:NAME`` model. A URL (``s3://...``) is
+    fetched once into the local cache (:func:`cvtool.storage.fetch`) and loaded from there.
     """
+    spec = fetch_model(spec)
     entry = ensemble_manifest(spec)
     if entry is None:
         return ModelSet([load_classifier(spec, unsafe, weights)], source=str(spec))
@@ -325,6 +338,7 @@ def load_classifier(
         return imagenet.load_imagenet(str(spec), weights)
     if weights is not None:
         raise UsageError(f"--weights is for {imagenet.PREFIX}NAME models; {spec} carries its own weights")
+    spec = fetch_model(spec)
     if ensemble_manifest(spec) is not None:
         raise UnusableError(
             f"{spec} is an ensemble run directory; this command takes a single model (a member-N folder)"

@@ -92,8 +92,13 @@ def voc_color(index: int) -> tuple[int, int, int]:
 
 
 def read_class_file(path: str | os.PathLike) -> ClassMap:
-    """Read ``--classes``: a JSON list of ``{"id", "name", "color"}`` or a CSV with ``id,name,r,g,b``."""
-    path = Path(path)
+    """Read ``--classes``: a JSON list of ``{"id", "name", "color"}`` or a CSV with ``id,name,r,g,b``.
+
+    ``path`` may be a URL (``s3://...``): it is fetched to the local cache first (:func:`cvtool.storage.fetch`).
+    """
+    from cvtool.storage import fetch
+
+    path = Path(fetch(path, "files"))
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:

@@ -24,6 +24,7 @@ from cvtool.config import FinetuneConfig, TrainConfig, from_options, option_fiel
 from cvtool.errors import EXIT_UNUSABLE, EXIT_USAGE, CvtoolError
 from cvtool.imagenet import LABEL_FORMATS
 from cvtool.rules import ENSEMBLE_RULES, VIEW_REDUCERS
+from cvtool.storage import local_path
 from cvtool.tta import DEFAULT_TRANSFORMS, TRANSFORMS
 
 COMMAND_ORDER = ("train", "finetune", "predict", "tta", "ensemble", "evaluate", "gradcam", "segment", "merge", "models")
@@ -155,8 +156,11 @@ LabelFormat = Annotated[
     str,
     typer.Option("--label-format", help=f"CSV labels of imagenet:NAME models: {LABEL_FORMATS.described()}."),
 ]
+# Paths that may be URLs (s3://, gs://, az://, file://, https://; see docs/storage.md) are strings: a Path would
+# turn s3://b/k into s3:/b/k.
 InputArg = Annotated[
-    Path, typer.Argument(help="Image file, or folder searched recursively.", metavar="INPUT", show_default=False)
+    str,
+    typer.Argument(help="Image file, or folder searched recursively (or a URL).", metavar="INPUT", show_default=False),
 ]
 
 
@@ -180,7 +184,9 @@ RuleWeights = Annotated[
     ),
 ]
 Method = Annotated[str, typer.Option(help=f"CAM method: {CAM_METHODS.described()}.")]
-CsvOut = Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)]
+CsvOut = Annotated[
+    str, typer.Option("--out", "-o", help="Predictions CSV to write (or a URL).", metavar="PATH", show_default=False)
+]
 
 # Each shared option once: its alias and default. Commands list the ones they take (@shared_options) and
 # receive them as **options, named as the library functions name their keywords.
@@ -270,28 +276,38 @@ def reports_errors(func):
     return wrapper
 
 
-def _refuse_impossible_out(out: Path) -> None:
+def _refuse_impossible_out(out: Path | str, *, remote: bool = True) -> None:
     """An output folder that cannot be written is refused before TensorFlow is imported (seconds).
 
-    The command checks it again, under its output lock (:mod:`cvtool.locks`).
+    The command checks it again, under its output lock (:mod:`cvtool.locks`). ``remote``: a URL is
+    allowed (written through a local staging copy, :mod:`cvtool.storage`); training runs are local.
     """
+    from cvtool.errors import UsageError
     from cvtool.outputs import check_output_location
+    from cvtool.storage import is_url, redact
 
-    check_output_location(out, folder=True)
+    if is_url(local_path(out)):
+        if not remote:
+            raise UsageError(
+                f"--out {redact(out)}: a run directory is written locally; copy it to object storage when it is "
+                "done (MODEL URLs are read from there)"
+            )
+        return
+    check_output_location(local_path(out), folder=True)
 
 
 # train and finetune: DATA, --out and the run's own switches here; every other option is a field of
 # cvtool.config's dataclasses (name, type, default, help), declared there once and added by `config_options`.
 DataArg = Annotated[
-    Path,
+    str,
     typer.Argument(
-        help="Labelled folder: DATA/<class>/ or DATA/train|validation|test/<class>/.",
+        help="Labelled folder: DATA/<class>/ or DATA/train|validation|test/<class>/ (or a URL).",
         metavar="DATA",
         show_default=False,
     ),
 ]
 RunOut = Annotated[
-    Path, typer.Option("--out", "-o", help="Run directory to create.", metavar="PATH", show_default=False)
+    str, typer.Option("--out", "-o", help="Run directory to create.", metavar="PATH", show_default=False)
 ]
 TrainResume = Annotated[
     bool,
@@ -382,7 +398,7 @@ def train(
     quiet: Quiet = False,
 ) -> int:
     """Train a classifier from scratch; writes model.keras, cvtool.json, history, checkpoints/, logs/ into --out."""
-    _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
+    _refuse_impossible_out(out, remote=False)  # these modules import TensorFlow: fail fast
     from cvtool.train import train as run_train
 
     cfg = from_options(TrainConfig, options, resume)  # --resume: the stored config; only --epochs can change
@@ -393,10 +409,11 @@ def train(
             from cvtool.errors import UsageError
 
             raise UsageError("--resume works on one run; resume each RUN/member-N folder on its own")
-        results = train_members(data, out, cfg=cfg, members=members, overwrite=overwrite, quiet=quiet)
+        results = train_members(data, local_path(out), cfg=cfg, members=members, overwrite=overwrite, quiet=quiet)
         typer.echo(f"ensemble of {members} models saved to {out}")
         _report_skipped(results)
         return 1 if any(r.failures for r in results) else 0
+    out = local_path(out)
     result = run_train(data, out, cfg=cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
     _report_skipped([result])
@@ -427,13 +444,20 @@ def evaluate(
             show_default=False,
         ),
     ],
-    data: Annotated[Path, typer.Argument(help="Labelled folder, or a flat folder with --labels.", show_default=False)],
+    data: Annotated[str, typer.Argument(help="Labelled folder, or a flat folder with --labels.", show_default=False)],
     out: Annotated[
-        Path,
-        typer.Option("--out", "-o", help="Folder for metrics.json, confusion matrix, predictions.", show_default=False),
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for metrics.json, confusion matrix, predictions.",
+            metavar="PATH",
+            show_default=False,
+        ),
     ],
     labels: Annotated[
-        Optional[Path], typer.Option(help="CSV of paths (relative to DATA, else to its own folder) and labels.")
+        Optional[str],
+        typer.Option(help="CSV of paths (relative to DATA, else to its own folder) and labels.", metavar="PATH"),
     ] = None,
     path_column: Annotated[str, typer.Option(help="Path column of --labels.")] = "path",
     label_column: Annotated[
@@ -488,7 +512,7 @@ def evaluate(
 
     typer.echo(format_summary(result.metrics))  # the answer: printed with --quiet too, which silences progress
     report = result.out_dir
-    _report(result.processed, result.failed, report / "metrics.json", report / "errors.csv", options["quiet"])
+    _report(result.processed, result.failed, join(report, "metrics.json"), join(report, "errors.csv"), options["quiet"])
     return result.exit_code
 
 
@@ -498,8 +522,14 @@ def evaluate(
 def segment(
     input: InputArg,
     out: Annotated[
-        Path,
-        typer.Option("--out", "-o", help="Folder for masks, overlays, legend.png, pixels.csv.", show_default=False),
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for masks, overlays, legend.png, pixels.csv.",
+            metavar="PATH",
+            show_default=False,
+        ),
     ],
     model: Annotated[
         str,
@@ -508,8 +538,9 @@ def segment(
         ),
     ] = DEFAULT_SEGMENT_MODEL,
     classes: Annotated[
-        Optional[Path],
+        Optional[str],
         typer.Option(
+            metavar="PATH",
             help="Class file: JSON list of {id,name,color} or CSV id,name,r,g,b "
             "(default: built-in CamVid for 32 or 33 outputs, else numbered classes)",
             show_default=False,
@@ -590,8 +621,10 @@ def models_command(
 @app.command()
 @reports_errors
 def merge(
-    out: Annotated[Path, typer.Argument(help="Combined CSV to write.", show_default=False)],
-    shards: Annotated[list[Path], typer.Argument(help="Shard CSVs (from --shard K/N runs).", show_default=False)],
+    out: Annotated[str, typer.Argument(help="Combined CSV to write (or a URL).", show_default=False)],
+    shards: Annotated[
+        list[str], typer.Argument(help="Shard CSVs (from --shard K/N runs), paths or URLs.", show_default=False)
+    ],
     partial: Annotated[bool, typer.Option("--partial", help="Merge even if some shards of K/N are missing.")] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -611,11 +644,12 @@ def gradcam(
     model: ModelArg,
     input: InputArg,
     out: Annotated[
-        Path,
+        str,
         typer.Option(
             "--out",
             "-o",
             help="Folder for the pictures (mirroring INPUT), gradcam.csv, errors.csv.",
+            metavar="PATH",
             show_default=False,
         ),
     ],
@@ -676,10 +710,11 @@ def finetune(
     quiet: Quiet = False,
 ) -> int:
     """Transfer learning: train a new head on a frozen pretrained backbone, then fine-tune its top layers."""
-    _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
+    _refuse_impossible_out(out, remote=False)  # these modules import TensorFlow: fail fast
     from cvtool.finetune import finetune as run_finetune
 
     cfg = from_options(FinetuneConfig, options, resume)  # --resume: the stored config; only --epochs can change
+    out = local_path(out)
     result = run_finetune(data, out, cfg=cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
     _report_skipped([result])
@@ -711,7 +746,7 @@ def ensemble(
         ),
     ] = None,
     input: Annotated[
-        Optional[Path],
+        Optional[str],
         typer.Argument(help="Image file, or folder searched recursively (the last argument).", show_default=False),
     ] = None,
     out: CsvOut = ...,
@@ -727,7 +762,7 @@ def ensemble(
             show_default=False,
         ),
     ] = None,
-    old_input: Annotated[Optional[Path], typer.Option("--input", "-i", hidden=True)] = None,
+    old_input: Annotated[Optional[str], typer.Option("--input", "-i", hidden=True)] = None,
     **options,
 ) -> int:
     """Combine several models' predictions (classes aligned by name); predict's CSV format.
@@ -742,7 +777,7 @@ def ensemble(
     models = list(models or [])
     if old_input is not None:  # deprecated spelling: every argument is a MODEL
         warn("ensemble --input is deprecated and will be removed; give INPUT as the last argument")
-        if input is not None and input.resolve() == old_input.resolve():
+        if input is not None and Path(input).resolve() == Path(old_input).resolve():
             raise UsageError(f"INPUT {input} is given twice (as the last argument and with --input); give it once")
         models += [str(input)] if input is not None else []
         input = old_input
@@ -785,7 +820,14 @@ def _tta_options(options: dict, use: bool = True):
     return TtaOptions(**{**fields, "transforms": parse_transforms(fields["transforms"])})
 
 
-def _report(processed: int, failed: int, out: Path, errors: Path, quiet: bool) -> None:
+def join(base, name: str):
+    """``base/name`` for a local path or a URL (evaluate's report folder may be either)."""
+    from cvtool.storage import join as join_location
+
+    return join_location(base, name)
+
+
+def _report(processed: int, failed: int, out: Path | str, errors: Path | str, quiet: bool) -> None:
     if failed:
         typer.echo(f"{processed} images done, {failed} failed (see {errors}); wrote {out}", err=True)
     elif not quiet:

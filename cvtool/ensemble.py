@@ -21,6 +21,7 @@ from cvtool.jobs import BatchJob, RunResult, Shard
 from cvtool.locks import holds_output_lock
 from cvtool.rules import ENSEMBLE_RULES, check_weights
 from cvtool.scoring import Scorer, build_scorer, load_model_sets
+from cvtool.storage import stages_output
 from cvtool.tta import TtaOptions, apply_tta
 
 
@@ -53,6 +54,7 @@ def ensemble_scorer(
     return apply_tta(scorer, tta) if tta is not None else scorer
 
 
+@stages_output("out")
 @holds_output_lock("out")
 def ensemble(
     models: Sequence[str | Path | Classifier],

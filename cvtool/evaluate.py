@@ -28,6 +28,7 @@ from cvtool.outputs import CsvWriter, cell_path, path_cell, save_figure, write_c
 from cvtool.progress import Progress, warn
 from cvtool.rules import ENSEMBLE_RULES, check_weights
 from cvtool.scoring import Scorer
+from cvtool.storage import fetch, stages_output
 from cvtool.tta import TtaOptions, view_index
 
 METRICS_FILE = "metrics.json"
@@ -286,6 +287,7 @@ def _find_labelled_file(rel: str, root: Path, bases: Sequence[Path]) -> tuple[Pa
     return None, f"file not found in the data folder{where}", decoded
 
 
+@stages_output("out", folder=True)
 @holds_output_lock("out", folder=True)
 def evaluate(
     model: str | Path | Classifier | Sequence[str | Path | Classifier],
@@ -340,7 +342,8 @@ def evaluate(
 
     Example: ``evaluate("runs/clothes", "photos/", "reports/", ranks=(1, 5)).metrics["accuracy"]``.
     """
-    data, out_dir = Path(data), Path(out)
+    data, out_dir = Path(fetch(data, "data")), Path(out)  # DATA or --labels as URLs: fetched to the cache
+    labels = fetch(labels, "files") if labels is not None else None
     if not data.is_dir():
         raise UsageError(f"data folder not found: {data}")
     if labels is not None and not Path(labels).is_file():

@@ -28,6 +28,7 @@ from cvtool.jobs import BatchJob, RunResult, Shard, model_fingerprint, remove_st
 from cvtool.locks import holds_output_lock
 from cvtool.outputs import format_score, path_cell, write_bytes_atomic
 from cvtool.progress import Progress, info, warn
+from cvtool.storage import stages_output
 
 INDEX_FILE = "gradcam.csv"
 ERRORS_FILE = "errors.csv"
@@ -100,6 +101,7 @@ def write_maps(
     return written
 
 
+@stages_output("out", folder=True)
 @holds_output_lock("out", folder=True)
 def gradcam(
     model: str | Path | Classifier,

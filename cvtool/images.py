@@ -10,6 +10,7 @@ every command's model sees the same pixels for the same image.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from cvtool.errors import ImageError, UsageError, env_int
+from cvtool.storage import is_url, local_path, read_bytes
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -42,7 +44,7 @@ cv2.setNumThreads(1)
 class InputItem:
     """One input file: where it is, and how it is named in output files."""
 
-    path: Path
+    path: Path | str  # a local path, or an object's URL (a string; see cvtool.storage)
     rel: str  # path relative to the INPUT folder, with forward slashes
 
 
@@ -63,7 +65,13 @@ def list_images(root: str | os.PathLike, exclude: str | os.PathLike | None = Non
     linked folders are followed, each real folder once (no symlink loops).
     ``exclude`` is a folder to leave out: a command's own output folder when
     the user points ``--out`` inside INPUT, so results are never read as inputs.
+
+    ``root`` may be a URL (``s3://bucket/photos``, see :mod:`cvtool.storage`): a prefix is listed
+    exactly as a folder (same relative paths, same order), its items' ``path`` are the objects' URLs.
     """
+    root = local_path(root)
+    if is_url(root):
+        return _list_remote(root, exclude)
     root = Path(root)
     if root.is_file() or (root.is_symlink() and not root.exists()):
         return [InputItem(root, root.name)]
@@ -93,6 +101,27 @@ def list_images(root: str | os.PathLike, exclude: str | os.PathLike | None = Non
     return items
 
 
+def _list_remote(root: str, exclude: str | os.PathLike | None) -> list[InputItem]:
+    """:func:`list_images` for a URL: the same filters (hidden names, image suffixes, run folders) and order."""
+    from cvtool.storage import walk
+
+    is_prefix, objects = walk(root)
+    if not is_prefix:
+        return [InputItem(url, rel) for rel, url in objects]
+    if any(rel in RUN_MARKERS for rel, _ in objects):
+        raise UsageError(f"INPUT {root} is a run directory (a model), not images; give the images last")
+    skip = str(exclude).rstrip("/") + "/" if isinstance(exclude, str) and is_url(exclude) else None
+    items = [
+        InputItem(url, rel)
+        for rel, url in objects
+        if is_image_name(rel)
+        and not any(part.startswith(".") for part in rel.split("/"))
+        and not (skip and url.startswith(skip))
+    ]
+    items.sort(key=lambda item: item.rel)
+    return items
+
+
 def max_pixels() -> int:
     """The largest image (in pixels) cvtool decodes; ``CVTOOL_MAX_PIXELS`` overrides."""
     return env_int("CVTOOL_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1)
@@ -118,16 +147,21 @@ def open_rgb(path: str | os.PathLike, target_size: TargetSize | None = None) -> 
 
 def _decode(path: str | os.PathLike, target_size: TargetSize | None) -> tuple[Image.Image, tuple[int, int]]:
     """(upright RGB image, possibly DCT-scaled; the upright full size (height, width))."""
-    path = Path(path)
     limit = max_pixels()  # read before the per-file try: a bad setting is a usage error, not 100,000 bad files
+    remote = is_url(path)
+    path = path if remote else Path(path)
     try:
-        if path.is_symlink() and not path.exists():
+        if remote:
+            source = io.BytesIO(read_bytes(path))  # in the decode thread: objects are fetched in parallel
+            if not source.getbuffer().nbytes:
+                raise ImageError("empty file (0 bytes)")
+        elif path.is_symlink() and not path.exists():
             raise ImageError("broken symbolic link")
-        if path.is_dir():
+        elif path.is_dir():
             raise ImageError("is a folder, not an image file")
-        if path.stat().st_size == 0:
+        elif path.stat().st_size == 0:
             raise ImageError("empty file (0 bytes)")
-        with Image.open(path) as img:
+        with Image.open(source if remote else path) as img:
             width, height = img.size
             if width * height > limit:
                 raise ImageError(

@@ -46,6 +46,7 @@ from cvtool.images import InputItem
 from cvtool.locks import OutputLock
 from cvtool.outputs import CsvWriter, cell_path, count_rows, errors_path, path_cell, write_csv, write_json
 from cvtool.progress import warn
+from cvtool.storage import flushed, is_url
 
 ERRORS_HEADER = ("path", "error")
 INPUTS_HEADER = ("path", "file")
@@ -180,10 +181,10 @@ def model_fingerprint(model) -> str:
     list and input size. ``imagenet:NAME``: the network and its weights file (the same
     name with another weights file is another model).
     """
-    from cvtool.bundle import HUB_DIR, META_FILE, MODEL_FILE, read_meta, resolve_model_path
+    from cvtool.bundle import HUB_DIR, META_FILE, MODEL_FILE, fetch_model, read_meta, resolve_model_path
 
     meta = getattr(model, "meta", None) or {}
-    spec = getattr(model, "source", model)
+    spec = fetch_model(getattr(model, "source", model))
     if meta.get("source") == "imagenet":
         weights = meta.get("weights")
         local = Path(weights) if weights and weights != "imagenet" else None
@@ -344,7 +345,7 @@ class BatchJob:
                 f"{len(added)} input(s) added since this run started are skipped: {shown} "
                 "(a resumed run does the inputs it started with; run them in a new run)"
             )
-        return [listed.get(rel) or InputItem(Path(path), rel) for rel, path in recorded]
+        return [listed.get(rel) or InputItem(path if is_url(path) else Path(path), rel) for rel, path in recorded]
 
     def _check_same(self, identity: dict, what: str) -> None:
         old = read_sidecar(self.out)
@@ -381,6 +382,7 @@ class BatchJob:
         """Call after each batch: what was written survives a kill -9 and is kept by --resume."""
         self._errs.flush()
         self._rows.flush()
+        flushed(self.out)  # a remote --out (cvtool.storage): the partials are uploaded beside it
 
     def __enter__(self) -> BatchJob:
         return self

@@ -27,6 +27,7 @@ from cvtool.jobs import (
 )
 from cvtool.locks import holds_output_lock
 from cvtool.outputs import CsvWriter, cell_path, check_writable, errors_path, write_json
+from cvtool.storage import fetch_with_siblings, is_url, local_path, redact, remote_of, stages_output
 
 
 def _rows(path: Path, header: Sequence[str] | None, kind: int, source: int) -> Iterator[tuple]:
@@ -51,12 +52,40 @@ def _rows(path: Path, header: Sequence[str] | None, kind: int, source: int) -> I
             yield key, kind, source, row
 
 
-def _errors_of_named(path: Path, named: set[Path]) -> bool:
-    """Is ``path`` the errors CSV of another CSV given on the command line?"""
-    owner = path.with_name(path.name[: -len(".errors.csv")] + ".csv")
+def _key(shard) -> str | Path:
+    return shard if is_url(shard) else Path(shard).resolve()
+
+
+def _errors_of_named(path, named: set) -> bool:
+    """Is ``path`` (a path or URL) the errors CSV of another CSV given on the command line?"""
+    if is_url(path):
+        return path[: -len(".errors.csv")] + ".csv" in named
+    owner = Path(path).with_name(Path(path).name[: -len(".errors.csv")] + ".csv")
     return owner.resolve() in named
 
 
+def _family(url: str) -> set[str]:
+    """A shard or output URL with its errors CSV and job file, without secrets."""
+    folder, name = url.rsplit("/", 1)
+    return {redact(f"{folder}/{n}") for n in (name, errors_path(name).name, sidecar_path(name).name)}
+
+
+def _fetch_shard(url: str, out) -> Path:
+    """A shard URL's local copy, with its errors CSV and job file beside it (:mod:`cvtool.storage`)."""
+    if is_url(out) and _family(str(out)) & _family(url):
+        raise UsageError(
+            f"{redact(out)} would overwrite {redact(url)} or its errors/job files; write the merge to another file"
+        )
+    name = url.rsplit("/", 1)[1]
+    siblings = [errors_path(name).name, sidecar_path(name).name]
+    local = fetch_with_siblings(url, siblings)
+    recorded = (read_sidecar(local) or {}).get("errors")
+    if isinstance(recorded, str) and recorded and "/" not in recorded and recorded not in siblings:
+        local = fetch_with_siblings(url, [*siblings, recorded])  # gradcam, segment: DIR/errors.csv
+    return local
+
+
+@stages_output("out")
 @holds_output_lock("out")
 def merge(
     out: str | Path, shards: Sequence[str | Path], *, overwrite: bool = False, partial: bool = False
@@ -74,23 +103,32 @@ def merge(
     Example: ``merge("preds.csv", sorted(Path("parts").glob("part-*.csv")))``.
     """
     out = Path(out)
-    shards = [Path(s) for s in shards]
+    out_shown = remote_of(out)  # a remote OUT is written through a local staging copy (cvtool.storage)
+    given = [local_path(str(s)) if isinstance(s, str) else s for s in shards]
     # A shell glob such as part-*.csv also matches each shard's errors CSV: those travel with their shard.
-    named = {s.resolve() for s in shards}
-    shards = [s for s in shards if not (s.name.endswith(".errors.csv") and _errors_of_named(s, named))]
-    if not shards:
+    named = {_key(s) for s in given}
+    given = [s for s in given if not (str(s).endswith(".errors.csv") and _errors_of_named(s, named))]
+    if not given:
         raise UsageError("give at least one shard CSV to merge")
+    shown: dict[Path, str] = {}  # local copy -> the shard as given (a URL's copy lies in the cache)
+    shards = []
+    for s in given:
+        local = _fetch_shard(s, out_shown) if is_url(s) else Path(s)
+        shown[local] = str(s)
+        shards.append(local)
     metas = []
     for shard in shards:
         if not shard.is_file():
-            raise UsageError(f"shard CSV not found: {shard}")
+            raise UsageError(f"shard CSV not found: {shown[shard]}")
         written = {p.resolve() for p in (out, errors_path(out), sidecar_path(out))}
         if written & {p.resolve() for p in (shard, errors_path(shard), sidecar_path(shard))}:
-            raise UsageError(f"{out} would overwrite {shard} or its errors/job files; write the merge to another file")
+            raise UsageError(
+                f"{out_shown} would overwrite {shown[shard]} or its errors/job files; write the merge to another file"
+            )
         meta = read_sidecar(shard)
         if meta is None or meta.get("format") != SIDECAR_FORMAT or not isinstance(meta.get("header"), list):
             raise UnusableError(
-                f"{shard} has no readable {sidecar_path(shard).name} beside it; only CSVs written by cvtool "
+                f"{shown[shard]} has no readable {sidecar_path(shard).name} beside it; only CSVs written by cvtool "
                 "(with the sidecar that records the model) can be merged"
             )
         metas.append(meta)
@@ -98,7 +136,9 @@ def merge(
     for shard, meta in zip(shards[1:], metas[1:]):
         differs = identity_difference(first, meta)
         if differs is not None:
-            raise UnusableError(f"{shard} was made with a different {differs} than {shards[0]}; refusing to merge")
+            raise UnusableError(
+                f"{shown[shard]} was made with a different {differs} than {shown[shards[0]]}; refusing to merge"
+            )
     _check_shard_set(shards, metas, partial)
     check_writable(out, overwrite)
     err_out = errors_path(out)
@@ -130,7 +170,7 @@ def merge(
             **{key: first.get(key) for key in IDENTITY_KEYS},
             "shard": None,
             "grouped": bool(first.get("grouped")),
-            "merged_from": [str(s) for s in shards],
+            "merged_from": [redact(shown.get(s, str(s))) for s in shards],
             "inputs": processed + failed,
             "cvtool": first.get("cvtool"),
         },

@@ -14,8 +14,10 @@ from cvtool.inference import write_predictions
 from cvtool.jobs import BatchJob, RunResult, Shard
 from cvtool.locks import holds_output_lock
 from cvtool.scoring import Scorer, load_scorer
+from cvtool.storage import stages_output
 
 
+@stages_output("out")
 @holds_output_lock("out")
 def predict(
     model: str | Path | Classifier | Scorer,

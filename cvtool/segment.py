@@ -30,6 +30,7 @@ from cvtool.locks import holds_output_lock
 from cvtool.outputs import save_figure, save_image
 from cvtool.progress import Progress, warn
 from cvtool.segmodels import SegmentationModel, load_segmentation_model
+from cvtool.storage import stages_output
 
 INPUT_RANGES = {"0-1": (1 / 255.0, 0.0), "0-255": (1.0, 0.0), "-1-1": (2 / 255.0, -1.0)}
 OVERLAY_FORMATS = ("jpg", "png")
@@ -127,6 +128,7 @@ class Labeller:
         self.classes = classes
 
 
+@stages_output("out", folder=True)
 @holds_output_lock("out", folder=True)
 def segment(
     input: str | Path,

@@ -57,7 +57,11 @@ class SegmentationModel:
 
 def load_segmentation_model(spec: str | os.PathLike = DEFAULT_MODEL, unsafe: bool = False) -> SegmentationModel:
     """Load a hub handle, a local SavedModel folder or a Keras file."""
-    spec = str(spec)
+    from cvtool.storage import READ_ONLY_SCHEMES, fetch, local_path, scheme
+
+    spec = str(local_path(str(spec)))
+    if "://" in spec and scheme(spec) not in READ_ONLY_SCHEMES:
+        spec = fetch(spec, "models")  # s3://, gs://, az://: a SavedModel folder or .keras file, cached locally
     if "://" in spec:
         return _from_hub_object(_hub_load(spec, remote=True), spec)
     path = Path(spec)

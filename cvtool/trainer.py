@@ -59,6 +59,7 @@ from cvtool.errors import UnusableError, UsageError
 from cvtool.outputs import path_cell, write_csv
 from cvtool.progress import info, warn
 from cvtool.runtime import keras
+from cvtool.storage import fetch, is_url, redact
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 LOOPS = ("fit", "custom")
@@ -294,6 +295,7 @@ def load_data(
     """
     from cvtool.data import decode_set, discover, drop_classes_without_images
 
+    data = fetch(data, "data")  # a URL: the labelled folder is copied once into the cache (read every epoch)
     splits = discover(data, cfg.val_split, cfg.seed, layout=cfg.layout, exclude=exclude)
     image_size = (side, side)
     info(
@@ -517,7 +519,7 @@ def write_run_meta(
             "class_weights": None if data.class_weights is None else [float(w) for w in data.class_weights],
         },
         "data": {
-            "root": str(Path(data_root).resolve()),
+            "root": redact(data_root) if is_url(data_root) else str(Path(data_root).resolve()),
             "layout": data.splits.layout,
             "train": int(len(data.train_set.labels)),
             "validation": int(len(data.val_set.labels)),

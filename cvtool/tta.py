@@ -26,6 +26,7 @@ from cvtool.locks import holds_output_lock
 from cvtool.registry import Registry
 from cvtool.rules import VIEW_REDUCERS, get_rule
 from cvtool.scoring import Scorer, load_scorer
+from cvtool.storage import stages_output
 
 # Measured on clothing-small validation with default-recipe models (bench/tta_views.py, README): a flip helps,
 # crops, scale crops, vflip and rot90 hurt there.
@@ -200,6 +201,7 @@ def apply_tta(scorer: Scorer, options: TtaOptions) -> Scorer:
     return scorer
 
 
+@stages_output("out")
 @holds_output_lock("out")
 def tta(
     model: str | Path | Classifier,
