@@ -103,9 +103,10 @@ def list_images(root: str | os.PathLike, exclude: str | os.PathLike | None = Non
 
 def _list_remote(root: str, exclude: str | os.PathLike | None) -> list[InputItem]:
     """:func:`list_images` for a URL: the same filters (hidden names, image suffixes, run folders) and order."""
-    from cvtool.storage import walk
+    from cvtool.storage import remote_of, walk
 
     is_prefix, objects = walk(root)
+    exclude = remote_of(exclude) if exclude is not None else None  # a staged --out: the URL it stands for
     if not is_prefix:
         return [InputItem(url, rel) for rel, url in objects]
     if any(rel in RUN_MARKERS for rel, _ in objects):

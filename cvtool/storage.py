@@ -49,6 +49,8 @@ F = TypeVar("F", bound=Callable)
 _DENIED = re.compile(
     r"access ?denied|forbidden|\b403\b|not authori[sz]ed|InvalidAccessKeyId|SignatureDoesNotMatch", re.I
 )
+_QUERY = re.compile(r"(\w+://[^\s?'\"]+)\?[^\s'\"]*")
+_SKIPPED_IN_MODELS = ("logs",)  # a run's TensorBoard events: never needed to load it, often large
 _MISSING = re.compile(r"NoSuchBucket|NoSuchKey|\b404\b|not found", re.I)
 
 
@@ -205,7 +207,8 @@ def errors(url: str, what: str = "") -> Iterator[None]:
 
 
 def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:300]
+    """The library's message on one line, with query strings (SAS tokens, signatures) cut from any URL in it."""
+    text = _QUERY.sub(r"\1", " ".join(str(exc).split()))[:300]
     return text or type(exc).__name__
 
 
@@ -301,6 +304,10 @@ def fetch(location: Any, kind: str = "files") -> Any:
                     for key, meta in found.items()
                     if key.startswith(path + "/") and not key.endswith("/")
                 }
+                if kind == "models":
+                    entries = {
+                        rel: v for rel, v in entries.items() if not set(rel.split("/")[:-1]) & set(_SKIPPED_IN_MODELS)
+                    }
             else:
                 entries = {"": _version(info)}
     for rel in entries:
@@ -438,8 +445,8 @@ class Staging:
                 with contextlib.suppress(Exception):  # keep the partials for --resume; the error is the one to show
                     self.sync(force=True, delete=True)
         finally:
+            self._clear()  # before the lock goes: the next run on this output may start at once
             self._lock.release()
-            self._clear()
 
     def _clear(self) -> None:
         lock = self._lock.path if self._lock is not None else None

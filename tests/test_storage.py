@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -300,3 +301,41 @@ def test_file_urls_are_local_paths(photos):
     from cvtool.images import list_images
 
     assert [i.rel for i in list_images(f"file://{photos}")] == [i.rel for i in list_images(photos)]
+
+
+def test_http_urls_serve_a_model_and_single_images_read_only(trained_run, photos, tmp_path, monkeypatch):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    import numpy as np
+
+    from cvtool.bundle import load_classifier
+    from cvtool.errors import UsageError
+    from cvtool.images import list_images, load_image
+    from cvtool.predict import predict
+
+    monkeypatch.setenv("CVTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    site = tmp_path / "site"
+    shutil.copytree(trained_run, site / "run", ignore=shutil.ignore_patterns("logs", "checkpoints"))
+    shutil.copy(photos / "red" / "red-0.png", site / "red-0.png")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        remote = load_classifier(f"{base}/run/model.keras")  # a bare .keras file: fetched, loaded with safe_mode
+        local = load_classifier(trained_run / "model.keras")
+        (item,) = list_images(f"{base}/red-0.png")
+        assert item.rel == "red-0.png"
+        x = load_image(item.path, remote.image_size)
+        assert np.array_equal(x, load_image(photos / "red" / "red-0.png", local.image_size))
+        np.testing.assert_allclose(remote.model.predict(x[None], verbose=0), local.model.predict(x[None], verbose=0))
+        with pytest.raises(UsageError, match="read-only"):
+            predict(trained_run, photos, f"{base}/preds.csv", quiet=True)
+    finally:
+        server.shutdown()
