@@ -8,6 +8,7 @@ a :class:`Failure` in the stream; it never stops the others.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -17,6 +18,7 @@ from typing import Any
 
 from cvtool.errors import ImageError
 from cvtool.images import InputItem
+from cvtool.storage import is_url
 
 
 @dataclass
@@ -40,6 +42,13 @@ def default_workers() -> int:
     return env_int("CVTOOL_WORKERS", 0) or max(2, os.cpu_count() or 2)
 
 
+def remote_workers() -> int:
+    """Decode threads for objects read from URLs (``CVTOOL_REMOTE_WORKERS``, default 16): fetching is I/O."""
+    from cvtool.errors import env_int
+
+    return env_int("CVTOOL_REMOTE_WORKERS", 16, minimum=1)
+
+
 def decode_stream(
     items: Iterable[InputItem], decode: Callable[[InputItem], Any], workers: int | None = None, lookahead: int = 64
 ) -> Iterator[tuple[InputItem, Any | Failure]]:
@@ -53,10 +62,15 @@ def decode_stream(
         except MemoryError:
             return Failure(item, "out of memory while decoding")
 
-    workers = workers or default_workers()
+    iterator = iter(items)
+    first = next(iterator, None)
+    if first is None:
+        return
+    iterator = itertools.chain([first], iterator)
+    # Objects in a bucket: a thread mostly waits for the network, so more of them keep both cores decoding.
+    workers = workers or (remote_workers() if is_url(first.path) else default_workers())
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cvtool-decode") as pool:
         pending: deque = deque()
-        iterator = iter(items)
         for item in iterator:
             pending.append((item, pool.submit(safe, item)))
             if len(pending) >= lookahead:
