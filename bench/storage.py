@@ -57,6 +57,12 @@ def start_server() -> tuple[subprocess.Popen, str]:
     sys.exit("moto server did not start")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def tiny_pngs(fs, prefix: str, n: int) -> None:
     """``n`` 16x16 PNG objects in sub-prefixes of 1,000, uploaded concurrently."""
     import numpy as np
@@ -107,12 +113,16 @@ def main() -> int:
             best = {"local disk": 0.0, "S3 (moto, 127.0.0.1)": 0.0}
             sources = {"local disk": opts.photos, "S3 (moto, 127.0.0.1)": remote}
             predict(tmp / "run", opts.photos, tmp / "warm.csv", batch_size=opts.batch_size, quiet=True)
+            server_cpu = []  # the S3 server's CPU seconds per S3 run: it shares this machine's cores with cvtool
             for r in range(opts.repeat):
                 for name, source in sources.items():
                     out = tmp / f"{r}-{name[:2]}.csv"
+                    cpu = cpu_seconds(server.pid)
                     start = time.perf_counter()
                     predict(tmp / "run", source, out, batch_size=opts.batch_size, quiet=True)
                     best[name] = max(best[name], n / (time.perf_counter() - start))
+                    if source == remote:
+                        server_cpu.append(cpu_seconds(server.pid) - cpu)
             row("predict, photos on local disk", best["local disk"], "img/s")
             row(
                 "predict, the same photos on S3",
@@ -121,6 +131,7 @@ def main() -> int:
                 "local disk",
                 best["local disk"],
             )
+            print(f"S3 server CPU per S3 run: {min(server_cpu):.1f} s ({1000 * min(server_cpu) / n:.1f} ms per object)")
             if opts.skip_memory:
                 return 0
             peaks = {}
