@@ -164,7 +164,7 @@ def test_kill_9_then_resume_finishes_the_remote_result_exactly(s3, trained_run, 
     expected = predict(trained_run, many, tmp_path / "local.csv", batch_size=1, quiet=True).out.read_bytes().decode()
     out = f"s3://{BUCKET}/resume/preds.csv"
     args = ["predict", trained_run, f"s3://{BUCKET}/many", "--out", out, "-b", "1"]
-    env = {**os.environ, **s3["env"], "PYTHONPATH": str(REPO), "CVTOOL_QUIET": "1", "CVTOOL_WORKERS": "1"}
+    env = {**os.environ, **s3["env"], "PYTHONPATH": str(REPO), "CVTOOL_QUIET": "1", "CVTOOL_REMOTE_WORKERS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cvtool", *map(str, args)], env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     rows = 0
