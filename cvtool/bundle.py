@@ -142,7 +142,25 @@ def fetch_model(spec):
     """
     from cvtool.storage import fetch
 
-    return fetch(spec, "models") if isinstance(spec, str) else spec
+    if not isinstance(spec, str):
+        return spec
+    if spec in _FETCHED:  # a loaded model's source (the URL without secrets): its copy, without asking again
+        return _FETCHED[spec]
+    local = fetch(spec, "models")
+    shown = _shown(spec)
+    if shown is not None:
+        _FETCHED[shown] = local
+    return local
+
+
+_FETCHED: dict[str, str] = {}  # MODEL URL as shown -> its local copy, fetched in this process
+
+
+def _shown(spec) -> str | None:
+    """A MODEL URL as messages and reports show it (without secrets); None for anything else."""
+    from cvtool.storage import is_url, local_path, redact
+
+    return redact(spec) if isinstance(spec, str) and is_url(local_path(spec)) else None
 
 
 def resolve_model_path(spec: str | os.PathLike) -> tuple[Path, Path | None]:
@@ -304,10 +322,13 @@ def load_models(spec: str | os.PathLike, unsafe: bool = False, weights: str | os
     ``weights`` is a local weights file for an ``imagenet:NAME`` model. A URL (``s3://...``) is
     fetched once into the local cache (:func:`cvtool.storage.fetch`) and loaded from there.
     """
+    shown = _shown(spec)
     spec = fetch_model(spec)
     entry = ensemble_manifest(spec)
     if entry is None:
-        return ModelSet([load_classifier(spec, unsafe, weights)], source=str(spec))
+        classifier = load_classifier(spec, unsafe, weights)
+        classifier.source = shown or classifier.source  # messages and reports name the URL, not the cache
+        return ModelSet([classifier], source=shown or str(spec))
     members = []
     for name in entry["members"]:
         member_dir = Path(spec) / name
@@ -338,6 +359,7 @@ def load_classifier(
         return imagenet.load_imagenet(str(spec), weights)
     if weights is not None:
         raise UsageError(f"--weights is for {imagenet.PREFIX}NAME models; {spec} carries its own weights")
+    shown = _shown(spec)
     spec = fetch_model(spec)
     if ensemble_manifest(spec) is not None:
         raise UnusableError(
@@ -353,7 +375,7 @@ def load_classifier(
         if tuple(model.outputs[0].shape)[-1] != len(class_names):
             raise UnusableError(f"{run_dir / META_FILE} lists {len(class_names)} classes but the head disagrees")
         size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
-        return Classifier(model, class_names, size, meta, str(spec), features=features)
+        return Classifier(model, class_names, size, meta, shown or str(spec), features=features)
     try:
         out_shape = tuple(model.outputs[0].shape)
         in_shape = tuple(model.inputs[0].shape)
@@ -376,4 +398,5 @@ def load_classifier(
         if in_shape[1] is None or in_shape[2] is None:
             raise UnusableError(f"{model_path} has no fixed input size and no {META_FILE} to say which to use")
         image_size = (int(in_shape[1]), int(in_shape[2]))
-    return Classifier(model=model, class_names=class_names, image_size=image_size, meta=meta, source=str(spec))
+    source = shown or str(spec)
+    return Classifier(model=model, class_names=class_names, image_size=image_size, meta=meta, source=source)

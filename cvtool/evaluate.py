@@ -28,7 +28,7 @@ from cvtool.outputs import CsvWriter, cell_path, path_cell, save_figure, write_c
 from cvtool.progress import Progress, warn
 from cvtool.rules import ENSEMBLE_RULES, check_weights
 from cvtool.scoring import Scorer
-from cvtool.storage import fetch, stages_output
+from cvtool.storage import fetch, is_url, redact, stages_output
 from cvtool.tta import TtaOptions, view_index
 
 METRICS_FILE = "metrics.json"
@@ -342,6 +342,7 @@ def evaluate(
 
     Example: ``evaluate("runs/clothes", "photos/", "reports/", ranks=(1, 5)).metrics["accuracy"]``.
     """
+    given = {"data": str(data), "labels": str(labels)}
     data, out_dir = Path(fetch(data, "data")), Path(out)  # DATA or --labels as URLs: fetched to the cache
     labels = fetch(labels, "files") if labels is not None else None
     if not data.is_dir():
@@ -421,6 +422,9 @@ def evaluate(
             f"none of the {len(labelled)} labelled images in {source} could be read; see {out_dir / 'errors.csv'}"
         )
     metrics, cm = summarise(y_true, y_pred, ranks_seen, p_true, names, ranks)
+    for name, local in (("data", str(data)), ("labels", str(labels))):  # URLs are reported, not cache paths
+        if is_url(given[name]) and source.startswith(local):
+            source = redact(given[name]).rstrip("/") + source[len(local) :]
     metrics = {"model": scorer.source, "data": source, "failed": len(failures), **metrics}
     if compare is not None:
         metrics.update(compare.metrics(names, ranks))

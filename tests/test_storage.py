@@ -338,3 +338,32 @@ def test_http_urls_serve_a_model_and_single_images_read_only(trained_run, photos
             predict(trained_run, photos, f"{base}/preds.csv", quiet=True)
     finally:
         server.shutdown()
+
+
+def test_evaluate_reads_data_and_labels_from_s3_and_writes_its_report_there(s3, trained_run, colour_data, tmp_path):
+    from cvtool.evaluate import evaluate
+
+    s3["fs"].put(str(colour_data) + "/", f"{BUCKET}/data/", recursive=True)
+    local = evaluate(trained_run, colour_data, tmp_path / "eval", quiet=True)
+    remote = evaluate(trained_run, f"s3://{BUCKET}/data", f"s3://{BUCKET}/eval", quiet=True)
+    assert remote.out_dir == f"s3://{BUCKET}/eval"
+    remote_metrics, local_metrics = dict(remote.metrics), dict(local.metrics)
+    assert remote_metrics.pop("data") == f"s3://{BUCKET}/data/validation"  # the URL, not the cache path
+    assert local_metrics.pop("data") == str(colour_data / "validation")
+    assert remote_metrics == local_metrics
+    expected = sorted(p.name for p in (tmp_path / "eval").iterdir() if p.is_file() and not p.name.startswith("."))
+    assert [k.rsplit("/", 1)[1] for k in keys(s3, "eval")] == expected
+    assert text(s3, "eval/predictions.csv") == (tmp_path / "eval" / "predictions.csv").read_bytes().decode()
+
+
+def test_train_reads_data_from_s3_and_refuses_a_remote_run_directory(s3, colour_data, tmp_path):
+    from cvtool.bundle import read_meta
+    from cvtool.config import TrainConfig
+    from cvtool.train import train
+
+    s3["fs"].put(str(colour_data) + "/", f"{BUCKET}/train-data/", recursive=True)
+    result = train(f"s3://{BUCKET}/train-data", tmp_path / "run", cfg=TrainConfig(epochs=1, image_size=16), quiet=True)
+    assert read_meta(result.run_dir)["class_names"] == sorted(COLOURS)
+    assert f"s3://{BUCKET}/train-data" in (result.run_dir / "cvtool.json").read_text()
+    done = cli(s3, "train", f"s3://{BUCKET}/train-data", "--out", f"s3://{BUCKET}/runs/new", check=2)
+    assert "written locally" in done.stderr
