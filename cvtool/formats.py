@@ -268,4 +268,3 @@ def count_rows(path: str | os.PathLike, format: type[CsvWriter] = CsvWriter, dis
 def read_header(path: str | os.PathLike, format: type[CsvWriter]) -> list[str] | None:
     """The columns of a result file; None for a file with none (an empty JSON Lines file)."""
     return next(format.read(path), None)
-

@@ -31,9 +31,7 @@ from cvtool.locks import holds_output_lock
 from cvtool.outputs import cell_path, check_writable, errors_path, write_json
 
 
-def _rows(
-    path: Path, format: type[CsvWriter], header: Sequence[str] | None, kind: int, source: int
-) -> Iterator[tuple]:
+def _rows(path: Path, format: type[CsvWriter], header: Sequence[str] | None, kind: int, source: int) -> Iterator[tuple]:
     """(input path, kind, source, row) for each row of ``path``, checking the file is in input order.
 
     Rows are read as CSV cell text whatever ``format`` the file is in. The input path is the path
