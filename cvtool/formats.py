@@ -83,9 +83,14 @@ class _ConvertedWriter(CsvWriter):
     """A format written by converting the finished CSV journal; subclasses define :meth:`_convert`."""
 
     def _publish(self) -> None:
-        with atomic_path(self.path) as tmp:
-            self._convert(self.tmp, tmp)
-            _fsync(tmp)
+        try:
+            with atomic_path(self.path) as tmp:
+                self._convert(self.tmp, tmp)
+                _fsync(tmp)
+        except BaseException:
+            if not self.keep_partial:  # a resumable journal stays for --resume; a temporary one goes
+                self.tmp.unlink(missing_ok=True)
+            raise
         self.tmp.unlink(missing_ok=True)
 
     def _convert(self, journal: Path, dest: Path) -> None:
