@@ -22,6 +22,7 @@ from cvtool.cam import METHODS as CAM_METHODS
 from cvtool.classmap import DEFAULT_MODEL as DEFAULT_SEGMENT_MODEL
 from cvtool.config import FinetuneConfig, TrainConfig, from_options, option_fields
 from cvtool.errors import EXIT_UNUSABLE, EXIT_USAGE, CvtoolError
+from cvtool.formats import FORMATS
 from cvtool.imagenet import LABEL_FORMATS
 from cvtool.rules import ENSEMBLE_RULES, VIEW_REDUCERS
 from cvtool.tta import DEFAULT_TRANSFORMS, TRANSFORMS
@@ -180,7 +181,18 @@ RuleWeights = Annotated[
     ),
 ]
 Method = Annotated[str, typer.Option(help=f"CAM method: {CAM_METHODS.described()}.")]
-CsvOut = Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)]
+CsvOut = Annotated[
+    Path, typer.Option("--out", "-o", help="Predictions file to write: .csv, .jsonl or .parquet.", show_default=False)
+]
+ResultFormat = Annotated[
+    Optional[str],
+    typer.Option(
+        "--format",
+        envvar="CVTOOL_FORMAT",
+        help=f"Results format: {FORMATS.described()}. Must agree with --out's suffix when that names one.",
+        show_default="from --out's suffix",
+    ),
+]
 
 # Each shared option once: its alias and default. Commands list the ones they take (@shared_options) and
 # receive them as **options, named as the library functions name their keywords.
@@ -199,6 +211,7 @@ SHARED_OPTIONS = {
     "label_format": (LabelFormat, "name"),
     "resume": (Resume, False),
     "shard": (ShardOpt, ""),
+    "format": (ResultFormat, None),
 }
 TTA_FIELDS = ("transforms", "reduce", "crop_scale", "copies", "seed")  # cvtool.tta.TtaOptions' fields
 JOB_OPTIONS = ("overwrite", "quiet", "resume", "shard")  # every resumable, shardable batch command
@@ -405,7 +418,7 @@ def train(
 
 @app.command()
 @reports_errors
-@shared_options("top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS)
+@shared_options("top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS, "format")
 def predict(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int:
     """Classify every image under INPUT: one CSV row per image (path,label,score,label_2,score_2,...)."""
     from cvtool.predict import predict as run_predict
@@ -590,16 +603,19 @@ def models_command(
 @app.command()
 @reports_errors
 def merge(
-    out: Annotated[Path, typer.Argument(help="Combined CSV to write.", show_default=False)],
-    shards: Annotated[list[Path], typer.Argument(help="Shard CSVs (from --shard K/N runs).", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="Combined file to write: .csv, .jsonl or .parquet.", show_default=False)],
+    shards: Annotated[
+        list[Path], typer.Argument(help="Shard files (from --shard K/N runs), in any format.", show_default=False)
+    ],
     partial: Annotated[bool, typer.Option("--partial", help="Merge even if some shards of K/N are missing.")] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    format: ResultFormat = None,
 ) -> int:
-    """Combine shard CSVs (and their errors CSVs) into one, in input order; refuses duplicates and mixed models."""
+    """Combine shard results (and their errors files) into one, in input order; refuses duplicates and mixed models."""
     from cvtool.merge import merge as run_merge
 
-    result = run_merge(out, shards, overwrite=overwrite, partial=partial)
+    result = run_merge(out, shards, overwrite=overwrite, partial=partial, format=format)
     _report(result.processed, result.failed, result.out, result.errors, quiet)
     return result.exit_code
 
@@ -688,7 +704,7 @@ def finetune(
 
 @app.command()
 @reports_errors
-@shared_options(*TTA_FIELDS, "top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS)
+@shared_options(*TTA_FIELDS, "top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS, "format")
 def tta(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int:
     """Predictions averaged over augmented views of every image (test-time augmentation); predict's CSV format."""
     from cvtool.tta import tta as run_tta
@@ -700,7 +716,7 @@ def tta(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int:
 
 @app.command()
 @reports_errors
-@shared_options(*TTA_FIELDS, "top_k", "batch_size", "unsafe_load", "label_format", *JOB_OPTIONS)
+@shared_options(*TTA_FIELDS, "top_k", "batch_size", "unsafe_load", "label_format", *JOB_OPTIONS, "format")
 def ensemble(
     models: Annotated[
         Optional[list[str]],

@@ -71,6 +71,7 @@ def ensemble(
     label_format: str = "name",
     resume: bool = False,
     shard: str | Shard | None = None,
+    format: str | None = None,
 ) -> RunResult:
     """Write the combined predictions of ``models`` for every image under ``input`` (predict's CSV format).
 
@@ -78,7 +79,7 @@ def ensemble(
         models: run directories, ``.keras`` files, ``imagenet:NAME`` names or loaded classifiers; an
             ensemble run directory adds all its members.
         input: an image file, or a folder searched recursively.
-        out: the predictions CSV to write.
+        out: the predictions file to write (``.csv``, ``.jsonl`` or ``.parquet``).
         rule: how members are combined (see :data:`cvtool.rules.ENSEMBLE_RULES`); None: a single
             ensemble run's own rule.
         rule_weights: the weighted rule's weights, one per member.
@@ -93,13 +94,14 @@ def ensemble(
         label_format: ``name``, ``wnid`` or ``both``, for ``imagenet:NAME`` models.
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
+        format: ``csv``, ``jsonl`` or ``parquet`` (default: from ``out``'s suffix; see :mod:`cvtool.formats`).
 
     Example: ``ensemble(["runs/a", "runs/b"], "incoming/", "preds.csv", rule="geometric")``.
     """
     if rule is not None:
         ENSEMBLE_RULES.entry(rule)  # an unknown rule is refused before anything is loaded
         check_weights(rule, rule_weights)  # before loading the models (their count is checked once they are loaded)
-    with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard) as job:
+    with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard, format=format) as job:
         items = list_images(input)
         scorer = ensemble_scorer(
             models, rule=rule, rule_weights=rule_weights, tta=tta, unsafe_load=unsafe_load, weights=weights

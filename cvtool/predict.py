@@ -31,6 +31,7 @@ def predict(
     weights: str | Path | None = None,
     resume: bool = False,
     shard: str | Shard | None = None,
+    format: str | None = None,
 ) -> RunResult:
     """Write ``out`` (path,label,score,label_2,score_2,...) for every image under ``input``.
 
@@ -41,7 +42,7 @@ def predict(
         model: a run directory, a ``.keras`` file, ``imagenet:NAME``, an ensemble run directory (its
             members are combined by its manifest's rule), or a loaded classifier or scorer.
         input: an image file, or a folder searched recursively.
-        out: the predictions CSV to write.
+        out: the predictions file to write (``.csv``, ``.jsonl`` or ``.parquet``).
         top_k: classes per row (capped at the class count).
         batch_size: images per batch.
         overwrite: replace an existing ``out``.
@@ -51,13 +52,14 @@ def predict(
         weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
+        format: ``csv``, ``jsonl`` or ``parquet`` (default: from ``out``'s suffix; see :mod:`cvtool.formats`).
 
     Example: ``predict("runs/clothes", "incoming/", "preds.csv", top_k=1)``.
     """
     from cvtool.imagenet import check_label_format
 
     check_label_format(label_format)
-    job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard)
+    job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard, format=format)
     with job:
         items = list_images(input)
         scorer = model if isinstance(model, Scorer) else load_scorer(model, unsafe=unsafe_load, weights=weights)

@@ -216,6 +216,7 @@ def tta(
     weights: str | Path | None = None,
     resume: bool = False,
     shard: str | Shard | None = None,
+    format: str | None = None,
 ) -> RunResult:
     """Write predictions reduced (``options.reduce``) over the TTA views of every image under ``input``.
 
@@ -224,7 +225,7 @@ def tta(
     Args:
         model: a run directory, a ``.keras`` file, ``imagenet:NAME``, an ensemble run directory, or a classifier.
         input: an image file, or a folder searched recursively.
-        out: the predictions CSV to write.
+        out: the predictions file to write (``.csv``, ``.jsonl`` or ``.parquet``).
         options: which views and how they are reduced (default: identity and hflip, mean).
         top_k: classes per row (capped at the class count).
         batch_size: images per batch (each brings its views).
@@ -235,11 +236,12 @@ def tta(
         weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
+        format: ``csv``, ``jsonl`` or ``parquet`` (default: from ``out``'s suffix; see :mod:`cvtool.formats`).
 
     Example: ``tta("runs/clothes", "incoming/", "preds.csv", options=TtaOptions(transforms=("identity", "crop")))``.
     """
     options = options or TtaOptions()
-    with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard) as job:
+    with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard, format=format) as job:
         items = list_images(input)
         scorer = apply_tta(load_scorer(model, unsafe=unsafe_load, weights=weights), options)
         return write_predictions(
