@@ -70,9 +70,8 @@ def guided_clone(model):
 
     Example: ``guided_clone(load_classifier("runs/a").model)``.
     """
-    from cvtool.runtime import keras
-
     import cvtool.layers  # noqa: F401 - cvtool's layers must be registered for from_config
+    from cvtool.runtime import keras
 
     clone = keras.models.clone_model(model, clone_function=_guided_layer, recursive=True)
     clone.set_weights(model.get_weights())
