@@ -123,3 +123,21 @@ def test_bad_options_exit_2(trained_run, colour_data, tmp_path, extra):
     args = ["visualize", str(trained_run), str(colour_data / "validation"), "--out", str(tmp_path / "v"), *extra]
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
+
+
+def test_visualize_help_does_not_import_tensorflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cvtool.cli import main\n"
+        "sys.argv = ['cvtool', 'visualize', '--help']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print('TF_LOADED' if 'tensorflow' in sys.modules else 'TF_NOT_LOADED')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "TF_NOT_LOADED" in out.stdout and "--filters" in out.stdout and "--layers" in out.stdout
