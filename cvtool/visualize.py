@@ -66,8 +66,9 @@ def default_layers(model) -> list[list[str]]:
     The network is followed in call order (nested models included) up to its
     classifier head; it is cut where the map size changes (a pooling or strided
     convolution starts the next block) and each piece that contains a convolution
-    gives its last layer, leaving out padding, pooling and dropout. So small-cnn
-    gives ``block1_bn2`` and ``block2_bn2``; VGG16 its ``blockN_conv3``/``block5_conv3``;
+    gives its last layer, leaving out padding, pooling and dropout; the 1x1 maps of
+    squeeze-and-excitation branches (MobileNetV3, EfficientNet) are not blocks. So small-cnn
+    gives ``block1_bn2`` and ``block2_bn2``; VGG16 the last convolution of each block (``block1_conv2`` ...);
     MobileNetV2 one layer per resolution.
     """
     from cvtool.cam import _flat_layers, _head_start, _spatial
@@ -83,11 +84,18 @@ def default_layers(model) -> list[list[str]]:
     )
     flat = _flat_layers(model)
     flat = flat[: _head_start(flat)]
-    chosen, size, has_conv, last = [], None, False, None
+    chosen, size, has_conv, last, squeeze = [], None, False, None, False
     for path, layer in flat:
+        if type(layer).__name__.startswith("Global"):  # a squeeze-and-excitation branch starts
+            squeeze = True
+            continue
         here = _spatial(layer)
         if here is None:
             continue
+        if squeeze:
+            if here != size:
+                continue  # the branch's 1x1 maps, multiplied back onto the block's map: not a block of their own
+            squeeze = False
         if here != size:
             if has_conv and last is not None:
                 chosen.append(last)

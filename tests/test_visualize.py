@@ -107,6 +107,13 @@ def test_imagenet_model_named_layer_and_default_layers(tmp_path, colour_data):
     layers = default_layers(clf.model)
     sizes = [tuple(_layer_at(clf.model, p).output.shape[1:3]) for p in layers]
     assert sizes == [(112, 112), (56, 56), (28, 28), (14, 14), (7, 7)], (layers, sizes)
+    # Squeeze-and-excitation branches (1x1 maps multiplied back) are not blocks of their own.
+    from cvtool.architectures import backbone_classifier
+    from cvtool.backbones import get_backbone
+
+    se_model = backbone_classifier(get_backbone("mobilenet_v3_small"), 3, (64, 64))
+    se_sizes = [tuple(_layer_at(se_model, p).output.shape[1:3]) for p in default_layers(se_model)]
+    assert se_sizes == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)], se_sizes
     out = tmp_path / "viz"
     args = ["visualize", "imagenet:mobilenet_v2", str(colour_data / "validation" / "blue" / "blue_00.png")]
     args += ["--weights", str(weights), "--out", str(out), "--layers", "block_3_expand_relu", "--channels", "8"]
