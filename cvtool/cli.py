@@ -27,7 +27,9 @@ from cvtool.imagenet import LABEL_FORMATS
 from cvtool.rules import ENSEMBLE_RULES, VIEW_REDUCERS
 from cvtool.tta import DEFAULT_TRANSFORMS, TRANSFORMS
 
-COMMAND_ORDER = ("train", "finetune", "predict", "tta", "ensemble", "evaluate", "gradcam", "segment", "merge", "models")
+COMMAND_ORDER = (
+    "train", "finetune", "predict", "tta", "ensemble", "evaluate", "gradcam", "visualize", "segment", "merge", "models"
+)  # fmt: skip
 
 
 # Plain metavars in --help: a flag shows no value placeholder, a value shows an upper-case word (INTEGER,
@@ -674,6 +676,47 @@ def gradcam(
         fmt=fmt,
         save_heatmap=save_heatmap,
         npy=npy,
+        **options,
+    )
+    _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
+    return result.exit_code
+
+
+@app.command()
+@reports_errors
+@shared_options("batch_size", "overwrite", "quiet", *MODEL_OPTIONS)
+def visualize(
+    model: ModelArg,
+    input: Annotated[
+        Path, typer.Argument(help="Image file, or folder searched recursively.", metavar="IMAGE", show_default=False)
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Folder for the activation grids and filter patterns.", show_default=False),
+    ],
+    layers: Annotated[
+        Optional[str],
+        typer.Option(help="Comma list of layer names (or backbone/NAME).", show_default="one per convolution block"),
+    ] = None,
+    filters: Annotated[int, typer.Option(min=0, help="Filter patterns per layer (its first N); 0: none.")] = 16,
+    channels: Annotated[int, typer.Option(min=0, help="Channels per activation grid (the first N); 0: all.")] = 64,
+    steps: Annotated[int, typer.Option(min=0, help="Gradient-ascent steps of the filter patterns.")] = 30,
+    step_size: Annotated[float, typer.Option(help="Pixel levels (RMS) per gradient-ascent step.")] = 5.0,
+    **options,
+) -> int:
+    """Intermediate activations of each image as channel grids, and the patterns that maximise chosen filters."""
+    _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
+    from cvtool.visualize import visualize as run_visualize
+
+    result = run_visualize(
+        model,
+        input,
+        out,
+        layers=layers,
+        filters=filters,
+        channels=channels,
+        steps=steps,
+        step_size=step_size,
         **options,
     )
     _report(result.processed, result.failed, result.out, result.errors, options["quiet"])

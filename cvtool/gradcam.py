@@ -152,7 +152,7 @@ def gradcam(
             raise UsageError(f"--class {class_name!r} is not one of the model's classes: {', '.join(names)}")
         fixed = names.index(class_name)
     cams = CamModel(classifier, layer, method)
-    info(f"target layer {cams.layer_name}, method {method}", quiet)
+    info(f"target layer {cams.layer_name}, method {cams.method_name}", quiet)
     k = 1 if fixed is not None else min(top_k, classifier.num_classes)
     bases = output_bases(items)
     identity = {
@@ -160,7 +160,7 @@ def gradcam(
         "model": model_fingerprint(classifier),
         "settings": {
             "layer": cams.layer_name,
-            "method": method,
+            "method": cams.method_name,
             "class": class_name,
             "top_k": k,
             **dataclasses.asdict(opts),

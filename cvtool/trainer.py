@@ -49,6 +49,7 @@ from cvtool.callbacks import (
     RecalibrateBatchNorm,
     ResumePoint,
     ValidationScores,
+    acting_on,
     format_logs,
     read_resume_point,
     tensorboard,
@@ -390,19 +391,20 @@ class Trainer:
         with self.strategy.scope():
             return load_keras_model(self.run_dir / CHECKPOINT_DIR / state["model"], compile=True)
 
-    def compile(self, model, lr: float) -> None:
+    def compile(self, model, lr: float, optimizer=None) -> None:
+        """Compile with the run's optimizer (a new one at ``lr``, or ``optimizer``), loss and accuracy."""
         with self.strategy.scope():
             model.compile(
-                optimizer=make_optimizer(self.cfg.optimizer, lr),
+                optimizer=optimizer or make_optimizer(self.cfg.optimizer, lr),
                 loss=make_loss(self.cfg.label_smoothing),
                 metrics=["accuracy"],
             )
 
-    def datasets(self, augment: bool = True):
+    def datasets(self, augment: bool = True, data: TrainingData | None = None):
         """(train, calibration) tf.data pipelines; validation reads the decoded images (:class:`ValidationScores`)."""
         from cvtool.data import training_dataset
 
-        cfg, data = self.cfg, self.data
+        cfg, data = self.cfg, data or self.data
         batch = cfg.batch_size * self.strategy.num_replicas_in_sync
         augmenter = build_augmenter(cfg.augment, data.image_size, cfg.seed) if augment else None
         n = data.num_classes
@@ -410,12 +412,27 @@ class Trainer:
         calibration = training_dataset(data.train_set, batch, True, cfg.seed + 1, None, n)
         return train_ds, calibration
 
-    def fit(self, model, until: int, phase: str | None = None, augment: bool = True) -> None:
-        """Train ``model`` (compiled) from the current epoch up to epoch ``until`` (1-based, inclusive)."""
+    def fit(
+        self,
+        model,
+        until: int,
+        phase: str | None = None,
+        augment: bool = True,
+        *,
+        data: TrainingData | None = None,
+        saved=None,
+    ) -> None:
+        """Train ``model`` (compiled) from the current epoch up to epoch ``until`` (1-based, inclusive).
+
+        ``data`` replaces the run's data for this call and ``saved`` is the model that
+        model.keras, the checkpoints and the resume point hold: finetune's head trained on
+        cached features (:mod:`cvtool.cached_features`) saves the full classifier it is part of.
+        """
         if until <= self.epoch:
             return
-        train_ds, calibration = self.datasets(augment)
-        steps = math.ceil(len(self.data.train_set.labels) / (self.cfg.batch_size * self.strategy.num_replicas_in_sync))
+        data = data or self.data
+        train_ds, calibration = self.datasets(augment, data)
+        steps = math.ceil(len(data.train_set.labels) / (self.cfg.batch_size * self.strategy.num_replicas_in_sync))
         if phase != self.phase:
             self.stopper.wait = 0
             self.phase = phase
@@ -427,7 +444,7 @@ class Trainer:
         # Order matters: recalibrate BN, then validate that model, then everything that reads val_* or saves it.
         callbacks = [
             RecalibrateBatchNorm(calibration),
-            ValidationScores(self.data.val_set.images, self.data.val_set.labels, self.cfg.batch_size),
+            ValidationScores(data.val_set.images, data.val_set.labels, self.cfg.batch_size),
             self.history,
             self.saver,
             self.checkpointer,
@@ -437,6 +454,12 @@ class Trainer:
             self.resume_point,
             PublishRun(self),  # last: after every file of the first epoch is saved
         ]
+        pinned = (self.saver, self.checkpointer, self.resume_point) if saved is not None else ()
+        with acting_on(saved, pinned):
+            self._run_loop(model, train_ds, until, callbacks, steps)
+        self.epoch = self.stopper.last_epoch
+
+    def _run_loop(self, model, train_ds, until: int, callbacks: list, steps: int) -> None:
         if self.cfg.loop == "custom":
             from cvtool.loop import custom_fit
 
@@ -459,7 +482,6 @@ class Trainer:
                 verbose=0,
                 shuffle=False,
             )
-        self.epoch = self.stopper.last_epoch
 
     def metrics(self) -> dict:
         return {"monitor": self.monitor, "best_epoch": self.saver.best_epoch, **self.saver.best_logs}
