@@ -347,6 +347,8 @@ def export(
     folder.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(out, suffix or ".export")
     try:
+        if not suffix:
+            tmp.unlink()  # a SavedModel is a folder: the exporter creates it
         with quiet_stderr():  # the converters print statistics and warnings on descriptor 2
             try:
                 entry.func(classifier.model, tmp, representative)
