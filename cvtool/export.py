@@ -306,7 +306,7 @@ def export(
 
     Example: ``export("runs/clothes", format="tflite").parity["top1_agreement"]``.
     """
-    from cvtool.runtimes import RUNTIMES, quiet_stderr
+    from cvtool.runtimes import EXTRA_HINT, RUNTIMES, quiet_stderr
 
     entry = FORMATS.entry(format)
     if int8 and format != "tflite":
@@ -352,6 +352,8 @@ def export(
         with quiet_stderr():  # the converters print statistics and warnings on descriptor 2
             try:
                 entry.func(classifier.model, tmp, representative)
+            except ImportError as exc:  # tf2onnx, onnx: the export extra
+                raise UsageError(f"--format {format} needs the {exc.name} package: {EXTRA_HINT}") from None
             except Exception as exc:  # noqa: BLE001 - an op the format has no kernel for, a converter error
                 reason = f"{type(exc).__name__}: {first_line(str(exc))[:300]}"
                 raise UnusableError(f"cannot export {model} as {format}: {reason}") from None
