@@ -269,7 +269,12 @@ def _export_meta(folder: Path, classifier: Classifier, source: str) -> dict:
         old = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         old = {}
-    same = isinstance(old, dict) and old.get("image_size") == common["image_size"] and old.get("source") == source
+    try:
+        same_labels = (folder / LABELS_FILE).read_text(encoding="utf-8").splitlines() == classifier.class_names
+    except (OSError, UnicodeDecodeError):
+        same_labels = False
+    # Artefacts of another model (other classes or input size) no longer match labels.txt: they are dropped.
+    same = isinstance(old, dict) and old.get("image_size") == common["image_size"] and same_labels
     artefacts = old.get("artefacts") if same and isinstance(old.get("artefacts"), dict) else {}
     return {**common, "artefacts": dict(artefacts)}
 
@@ -382,7 +387,8 @@ def export(
         "int8": int8,
         "input_dtype": "uint8" if int8 else "float32",
         "exported": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source_fingerprint": model_fingerprint(run_dir) if run_dir is not None else None,
+        # the model file exported (a checkpoint's differs from the run's): `--runtime auto` checks it is still the run's
+        "source_fingerprint": model_fingerprint(model) if run_dir is not None else None,
         "versions": versions(),
         "parity": {
             **figures,

@@ -55,7 +55,10 @@ def check_runtime(name: str) -> str:
 
 def available(name: str) -> bool:
     """Is the Python package of runtime ``name`` installed? (Looked up, not imported: no start-up cost.)"""
-    return importlib.util.find_spec(RUNTIMES.entry(name).info["package"]) is not None
+    try:
+        return importlib.util.find_spec(RUNTIMES.entry(name).info["package"]) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def runtime_of(path: str | os.PathLike) -> str:
@@ -94,7 +97,8 @@ def _import(module: str, runtime: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UsageError(f"--runtime {runtime} needs the {module} package: {EXTRA_HINT}") from None
+        dist = RUNTIMES.entry(runtime).info["dist"]
+        raise UsageError(f"--runtime {runtime} needs the {dist} package: {EXTRA_HINT}") from None
 
 
 def _threads() -> int:
@@ -124,7 +128,13 @@ def _as_probs(y: np.ndarray, quantization: tuple[float, int]) -> np.ndarray:
     return np.asarray(y, dtype=np.float32)
 
 
-@RUNTIMES.register("tf", help="TensorFlow: the Keras model, or an exported SavedModel", suffix="", package="tensorflow")
+@RUNTIMES.register(
+    "tf",
+    help="TensorFlow: the Keras model, or an exported SavedModel",
+    suffix="",
+    package="tensorflow",
+    dist="tensorflow",
+)
 def load_saved_model(path: str | os.PathLike) -> Runner:
     """A SavedModel folder's ``serving_default`` signature (as TF Serving calls it).
 
@@ -152,7 +162,11 @@ def load_saved_model(path: str | os.PathLike) -> Runner:
 
 
 @RUNTIMES.register(
-    "tflite", help="LiteRT interpreter with XNNPACK (ai-edge-litert)", suffix=".tflite", package="ai_edge_litert"
+    "tflite",
+    help="LiteRT interpreter with XNNPACK (ai-edge-litert)",
+    suffix=".tflite",
+    package="ai_edge_litert",
+    dist="ai-edge-litert",
 )
 def load_tflite(path: str | os.PathLike) -> Runner:
     """A ``.tflite`` file in the standalone LiteRT interpreter (no TensorFlow import), all CPU cores.
@@ -191,7 +205,7 @@ def load_tflite(path: str | os.PathLike) -> Runner:
     return run
 
 
-@RUNTIMES.register("onnx", help="onnxruntime on the CPU", suffix=".onnx", package="onnxruntime")
+@RUNTIMES.register("onnx", help="onnxruntime on the CPU", suffix=".onnx", package="onnxruntime", dist="onnxruntime")
 def load_onnx(path: str | os.PathLike) -> Runner:
     """An ``.onnx`` file in onnxruntime (CPU execution provider; no TensorFlow import).
 

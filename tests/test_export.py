@@ -179,6 +179,35 @@ def test_tflite_and_onnx_predict_never_import_tensorflow(exported, colour_data, 
     assert len(read_probs(tmp_path / "b.csv")) == 72
 
 
+def test_a_missing_runtime_package_is_one_line_exit_2_naming_the_extra(exported, colour_data, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+
+        class NoLiteRT:  # as if ai-edge-litert were not installed
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "ai_edge_litert":
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+        sys.meta_path.insert(0, NoLiteRT())
+        from cvtool.bundle import choose_export
+        from cvtool.cli import main
+
+        print(choose_export({str(exported)!r}, "auto").name)  # auto: the next export whose runtime is there
+        sys.argv = ["cvtool", "predict", {str(exported)!r}, {str(colour_data)!r}, "--out", "p.csv"]
+        sys.argv += ["--runtime", "tflite"]
+        main()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and done.stdout.strip() == "model.onnx", done.stdout + done.stderr
+    assert (
+        done.stderr.strip() == 'error: --runtime tflite needs the ai-edge-litert package: pip install "cvtool[export]"'
+    )
+
+
 def test_exported_files_as_model_for_evaluate_tta_and_ensemble(exported, colour_data, tmp_path):
     onnx, tflite = exported / "export" / "model.onnx", exported / "export" / "model.tflite"
     metrics = {}
