@@ -22,13 +22,16 @@ from cvtool.cam import METHODS as CAM_METHODS
 from cvtool.classmap import DEFAULT_MODEL as DEFAULT_SEGMENT_MODEL
 from cvtool.config import FinetuneConfig, TrainConfig, from_options, option_fields
 from cvtool.errors import EXIT_UNUSABLE, EXIT_USAGE, CvtoolError
+from cvtool.export import FORMATS as EXPORT_FORMATS
 from cvtool.formats import FORMATS
 from cvtool.imagenet import LABEL_FORMATS
 from cvtool.rules import ENSEMBLE_RULES, VIEW_REDUCERS
+from cvtool.runtimes import RUNTIME_ENV, RUNTIMES
 from cvtool.tta import DEFAULT_TRANSFORMS, TRANSFORMS
 
 COMMAND_ORDER = (
-    "train", "finetune", "predict", "tta", "ensemble", "evaluate", "gradcam", "visualize", "segment", "merge", "models"
+    "train", "finetune", "predict", "tta", "ensemble", "evaluate", "gradcam", "visualize", "segment", "merge", "models",
+    "export",
 )  # fmt: skip
 
 
@@ -154,6 +157,11 @@ ImagenetWeights = Annotated[
         show_default=False,
     ),
 ]
+RUNTIME_HELP = (
+    f"What runs the model: auto (a run's fastest fresh export, else TensorFlow), {RUNTIMES.described()}. "
+    "tflite and onnx take the run's export (cvtool export) or an exported file, without importing TensorFlow."
+)
+Runtime = Annotated[str, typer.Option("--runtime", envvar=RUNTIME_ENV, help=RUNTIME_HELP)]
 LabelFormat = Annotated[
     str,
     typer.Option("--label-format", help=f"CSV labels of imagenet:NAME models: {LABEL_FORMATS.described()}."),
@@ -211,13 +219,14 @@ SHARED_OPTIONS = {
     "unsafe_load": (UnsafeLoad, False),
     "weights": (ImagenetWeights, None),
     "label_format": (LabelFormat, "name"),
+    "runtime": (Runtime, "auto"),
     "resume": (Resume, False),
     "shard": (ShardOpt, ""),
     "format": (ResultFormat, None),
 }
 TTA_FIELDS = ("transforms", "reduce", "crop_scale", "copies", "seed")  # cvtool.tta.TtaOptions' fields
 JOB_OPTIONS = ("overwrite", "quiet", "resume", "shard")  # every resumable, shardable batch command
-MODEL_OPTIONS = ("unsafe_load", "weights")  # every command that loads a classifier
+MODEL_OPTIONS = ("unsafe_load", "weights", "runtime")  # every command that scores with a classifier
 
 
 def shared_options(*names: str):
@@ -624,7 +633,7 @@ def merge(
 
 @app.command()
 @reports_errors
-@shared_options("batch_size", *MODEL_OPTIONS, *JOB_OPTIONS)
+@shared_options("batch_size", "unsafe_load", "weights", *JOB_OPTIONS)
 def gradcam(
     model: ModelArg,
     input: InputArg,
@@ -656,6 +665,9 @@ def gradcam(
         bool, typer.Option("--save-heatmap", help="Also write the map as 8-bit grayscale <name>.heatmap.png.")
     ] = False,
     npy: Annotated[bool, typer.Option("--npy", help="Also write the map as float32 <name>.heatmap.npy.")] = False,
+    runtime: Annotated[
+        str, typer.Option("--runtime", help="Grad-CAM needs gradients: auto and tf (the Keras model) only.")
+    ] = "auto",
     **options,
 ) -> int:
     """Grad-CAM heatmaps: where the model looked, as overlays at each input image's own size."""
@@ -676,6 +688,7 @@ def gradcam(
         fmt=fmt,
         save_heatmap=save_heatmap,
         npy=npy,
+        runtime=runtime,
         **options,
     )
     _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
@@ -759,7 +772,7 @@ def tta(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int:
 
 @app.command()
 @reports_errors
-@shared_options(*TTA_FIELDS, "top_k", "batch_size", "unsafe_load", "label_format", *JOB_OPTIONS, "format")
+@shared_options(*TTA_FIELDS, "top_k", "batch_size", "unsafe_load", "runtime", "label_format", *JOB_OPTIONS, "format")
 def ensemble(
     models: Annotated[
         Optional[list[str]],
@@ -824,6 +837,67 @@ def ensemble(
     )
     _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
+
+
+@app.command("export")
+@reports_errors
+def export_command(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Run directory from train/finetune, its .keras file, or imagenet:NAME (with --out).",
+            metavar="RUN",
+            show_default=False,
+        ),
+    ],
+    fmt: Annotated[str, typer.Option("--format", "-f", help=f"What to write: {EXPORT_FORMATS.described()}.")],
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            "-o",
+            help="Artefact to write; labels.txt and export.json go beside it.",
+            show_default="RUN/export/saved_model, model.tflite, model-int8.tflite or model.onnx",
+        ),
+    ] = None,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="TFLite full-integer quantization (uint8 pixels in), calibrated on images.")
+    ] = False,
+    calibration: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Folder of images: what --int8 calibrates on, and the parity set when the run's validation "
+            "images are not available (class sub-folders add accuracy).",
+            show_default="the run's training images (int8), validation images (parity)",
+        ),
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, help="At most this many images scored for parity.")] = 200,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    unsafe_load: UnsafeLoad = False,
+    weights: ImagenetWeights = None,
+) -> int:
+    """Export a model as a standalone SavedModel, TFLite or ONNX file (RGB 0-255 in, probabilities out).
+
+    Parity with the Keras model is measured on the run's validation images: a float export that disagrees
+    (top-1 agreement < 99.5% or max |dp| > 1e-3) is refused (exit 3).
+    """
+    from cvtool.export import export
+
+    result = export(
+        model,
+        format=fmt,
+        out=out,
+        int8=int8,
+        calibration=calibration,
+        samples=samples,
+        overwrite=overwrite,
+        quiet=quiet,
+        unsafe_load=unsafe_load,
+        weights=weights,
+    )
+    typer.echo(result.summary())
+    return 0
 
 
 def _is_number_list(text: str) -> bool:

@@ -32,6 +32,7 @@ def ensemble_scorer(
     tta: TtaOptions | None = None,
     unsafe_load: bool = False,
     weights: str | Path | None = None,
+    runtime: str = "auto",
 ) -> Scorer:
     """Load ``models`` (ensemble run directories contribute all their members) and combine them by ``rule``.
 
@@ -44,12 +45,13 @@ def ensemble_scorer(
         unsafe_load: allow models with Lambda layers or custom code.
         weights: for ``imagenet:NAME`` models: a local weights file (one such model) or a folder of
             ``NAME.h5`` files.
+        runtime: what runs each model: ``auto`` (a run's fastest export, else TF), ``tf``, ``tflite``, ``onnx``.
 
     Example: ``ensemble_scorer(["runs/a", "runs/b"], rule="weighted", rule_weights=[2, 1])``.
     """
     if not models:
         raise UsageError("give at least one MODEL")
-    scorer = build_scorer(load_model_sets(models, unsafe_load, weights), rule, rule_weights)
+    scorer = build_scorer(load_model_sets(models, unsafe_load, weights, runtime=runtime), rule, rule_weights)
     return apply_tta(scorer, tta) if tta is not None else scorer
 
 
@@ -68,6 +70,7 @@ def ensemble(
     quiet: bool = False,
     unsafe_load: bool = False,
     weights: str | Path | None = None,
+    runtime: str = "auto",
     label_format: str = "name",
     resume: bool = False,
     shard: str | Shard | None = None,
@@ -91,6 +94,7 @@ def ensemble(
         unsafe_load: allow models with Lambda layers or custom code.
         weights: for ``imagenet:NAME`` members: a local weights file (one such member) or a folder of
             ``NAME.h5`` files.
+        runtime: what runs each model: ``auto`` (a run's fastest export, else TF), ``tf``, ``tflite``, ``onnx``.
         label_format: ``name``, ``wnid`` or ``both``, for ``imagenet:NAME`` models.
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
@@ -104,7 +108,13 @@ def ensemble(
     with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard, format=format) as job:
         items = list_images(input)
         scorer = ensemble_scorer(
-            models, rule=rule, rule_weights=rule_weights, tta=tta, unsafe_load=unsafe_load, weights=weights
+            models,
+            rule=rule,
+            rule_weights=rule_weights,
+            tta=tta,
+            unsafe_load=unsafe_load,
+            weights=weights,
+            runtime=runtime,
         )
         return write_predictions(
             scorer,

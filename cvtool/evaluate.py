@@ -305,6 +305,7 @@ def evaluate(
     quiet: bool = False,
     unsafe_load: bool = False,
     weights: str | Path | None = None,
+    runtime: str = "auto",
     tta: TtaOptions | None = None,
     rule: str | None = None,
     rule_weights: Sequence[float] | None = None,
@@ -334,6 +335,7 @@ def evaluate(
         quiet: no progress bar or log lines.
         unsafe_load: allow models with Lambda layers or custom code.
         weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
+        runtime: what runs each model: ``auto`` (a run's fastest export, else TF), ``tf``, ``tflite``, ``onnx``.
         tta: also score the TTA views (which must include identity) and report the gain.
         rule: how several models are combined; None: mean, or a single ensemble run's own rule.
         rule_weights: the weighted rule's weights, one per model.
@@ -358,7 +360,13 @@ def evaluate(
         raise UsageError(f"{out_dir / METRICS_FILE} already exists; pass --overwrite to replace it")
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     scorer = ensemble_scorer(
-        models, rule=rule, rule_weights=rule_weights, tta=tta, unsafe_load=unsafe_load, weights=weights
+        models,
+        rule=rule,
+        rule_weights=rule_weights,
+        tta=tta,
+        unsafe_load=unsafe_load,
+        weights=weights,
+        runtime=runtime,
     )
     names = scorer.class_names
     wnids = scorer.members[0].classifier.meta.get("wnids")

@@ -28,6 +28,7 @@ from cvtool.jobs import BatchJob, RunResult, Shard, model_fingerprint, remove_st
 from cvtool.locks import holds_output_lock
 from cvtool.outputs import format_score, path_cell, write_bytes_atomic
 from cvtool.progress import Progress, info, warn
+from cvtool.runtimes import check_runtime, runtime_of
 
 INDEX_FILE = "gradcam.csv"
 ERRORS_FILE = "errors.csv"
@@ -121,6 +122,7 @@ def gradcam(
     quiet: bool = False,
     unsafe_load: bool = False,
     weights: str | Path | None = None,
+    runtime: str = "auto",
     resume: bool = False,
     shard: str | Shard | None = None,
 ) -> RunResult:
@@ -130,7 +132,17 @@ def gradcam(
     ``class_name``. Pictures have the input image's own size. Each picture is
     written (atomically) before its index rows, so ``resume`` continues an
     interrupted run from the index; ``shard`` ("K/N") does only that share of INPUT.
+    Grad-CAM needs gradients: only the TensorFlow runtime has them (``runtime`` ``auto`` or ``tf``;
+    ``auto`` always means the Keras model here).
     """
+    check_runtime(runtime)
+    kind = model.runtime if isinstance(model, Classifier) else runtime_of(model)  # a .tflite/.onnx file: theirs
+    if runtime not in ("auto", "tf") or kind != "tf" or (isinstance(model, Classifier) and model.model is None):
+        given = f"an exported {kind} model" if runtime in ("auto", "tf") else f"--runtime {runtime}"
+        raise UsageError(
+            "Grad-CAM needs gradients, which only the TensorFlow runtime computes: give the run directory or its "
+            f".keras model with --runtime tf (or auto), not {given}"
+        )
     opts = Rendering(heatmaps.check_options(colormap, alpha, layout, fmt), alpha, layout, fmt, save_heatmap, npy)
     get_method(method)
     if top_k < 1:
@@ -144,7 +156,11 @@ def gradcam(
     items = list_images(input, exclude=out_dir)
     if not items:
         warn(f"no images found in {input}")
-    classifier = model if isinstance(model, Classifier) else load_classifier(model, unsafe=unsafe_load, weights=weights)
+    classifier = (
+        model
+        if isinstance(model, Classifier)
+        else load_classifier(model, unsafe=unsafe_load, weights=weights, runtime="tf")
+    )
     names = classifier.class_names
     fixed = None
     if class_name is not None:

@@ -190,6 +190,11 @@ def model_fingerprint(model) -> str:
         weights = meta.get("weights")
         local = Path(weights) if weights and weights != "imagenet" else None
         return f"imagenet:{meta.get('model')}|weights=" + (_digest([local]) if local else "keras-imagenet")
+    if meta.get("artefact"):  # an export run by its runtime: the artefact, its labels and the runtime make the scores
+        artefact = Path(meta["artefact"])
+        files = _files_under(artefact) if artefact.is_dir() else [artefact]
+        extra = json.dumps([meta["class_names"], meta["image_size"], meta.get("runtime")]).encode("utf-8")
+        return _digest(files, extra, root=artefact.parent)
     folder = Path(spec)
     if folder.is_dir() and not (folder / META_FILE).exists() and not (folder / MODEL_FILE).exists():
         return _digest(_files_under(folder), root=folder)  # a SavedModel (segment)

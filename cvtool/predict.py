@@ -29,6 +29,7 @@ def predict(
     unsafe_load: bool = False,
     label_format: str = "name",
     weights: str | Path | None = None,
+    runtime: str = "auto",
     resume: bool = False,
     shard: str | Shard | None = None,
     format: str | None = None,
@@ -50,6 +51,7 @@ def predict(
         unsafe_load: allow models with Lambda layers or custom code.
         label_format: ``name``, ``wnid`` or ``both``, for ``imagenet:NAME`` models.
         weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
+        runtime: what runs the model: ``auto`` (a run's fastest export, else TF), ``tf``, ``tflite``, ``onnx``.
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
         format: ``csv``, ``jsonl`` or ``parquet`` (default: from ``out``'s suffix; see :mod:`cvtool.formats`).
@@ -62,7 +64,11 @@ def predict(
     job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard, format=format)
     with job:
         items = list_images(input)
-        scorer = model if isinstance(model, Scorer) else load_scorer(model, unsafe=unsafe_load, weights=weights)
+        scorer = (
+            model
+            if isinstance(model, Scorer)
+            else load_scorer(model, unsafe=unsafe_load, weights=weights, runtime=runtime)
+        )
         return write_predictions(
             scorer,
             items,

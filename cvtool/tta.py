@@ -214,6 +214,7 @@ def tta(
     unsafe_load: bool = False,
     label_format: str = "name",
     weights: str | Path | None = None,
+    runtime: str = "auto",
     resume: bool = False,
     shard: str | Shard | None = None,
     format: str | None = None,
@@ -234,6 +235,7 @@ def tta(
         unsafe_load: allow models with Lambda layers or custom code.
         label_format: ``name``, ``wnid`` or ``both``, for ``imagenet:NAME`` models.
         weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
+        runtime: what runs the model: ``auto`` (a run's fastest export, else TF), ``tf``, ``tflite``, ``onnx``.
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
         format: ``csv``, ``jsonl`` or ``parquet`` (default: from ``out``'s suffix; see :mod:`cvtool.formats`).
@@ -243,7 +245,7 @@ def tta(
     options = options or TtaOptions()
     with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard, format=format) as job:
         items = list_images(input)
-        scorer = apply_tta(load_scorer(model, unsafe=unsafe_load, weights=weights), options)
+        scorer = apply_tta(load_scorer(model, unsafe=unsafe_load, weights=weights, runtime=runtime), options)
         return write_predictions(
             scorer,
             items,
