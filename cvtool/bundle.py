@@ -10,6 +10,7 @@ model or the members) or :func:`load_classifier` (exactly one model).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -42,6 +43,8 @@ class Classifier:
     source: str = ""
     features: Any = None  # a frozen feature extractor (hub backbone) run before ``model``, or None
     _forward: Any = field(default=None, repr=False)
+    # (spec, unsafe, weights) that load_classifier was given: how another process (a Ray actor) loads it again
+    load_args: tuple | None = None
 
     @property
     def num_classes(self) -> int:
@@ -60,6 +63,23 @@ class Classifier:
                 forward, input_signature=[tf.TensorSpec([None, *self.image_size, 3], tf.float32)]
             )
         return np.asarray(self._forward(tf.convert_to_tensor(images, tf.float32)), dtype=np.float32)
+
+    def without_model(self) -> Classifier:
+        """A light copy to send to other processes: class names, input size, meta and how to load the model
+        (:meth:`reload`), but no model. Example: ``pickle.dumps(classifier.without_model())``."""
+        return dataclasses.replace(self, model=None, features=None, _forward=None)
+
+    def reload(self) -> Classifier:
+        """The model loaded again, the way :func:`load_classifier` loaded it (in a Ray actor, once per actor).
+
+        A classifier built in Python rather than loaded from a path has no way to be loaded again: usage error.
+        Example: ``classifier.without_model().reload().predict(images)``.
+        """
+        if self.load_args is None:
+            raise UsageError(
+                "this model was not loaded from a path, so other processes cannot load it: give MODEL as a path"
+            )
+        return load_classifier(*self.load_args)
 
 
 def versions() -> dict:
@@ -319,6 +339,17 @@ def load_classifier(
     A run fine-tuned on a hub backbone holds the hub SavedModel (``hub_model/``)
     and a Keras head on its features; the classifier composes the two.
     """
+    classifier = _load_classifier(spec, unsafe, weights)
+    classifier.load_args = (_absolute(spec), unsafe, None if weights is None else _absolute(weights))
+    return classifier
+
+
+def _absolute(spec: str | os.PathLike) -> str:
+    """A local path made absolute (other processes may run in another folder); names and URLs as they are."""
+    return os.path.abspath(spec) if os.path.exists(spec) else str(spec)
+
+
+def _load_classifier(spec: str | os.PathLike, unsafe: bool, weights: str | os.PathLike | None) -> Classifier:
     from cvtool import imagenet
 
     if imagenet.is_imagenet_spec(spec):

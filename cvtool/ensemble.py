@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cvtool.bundle import Classifier
+from cvtool.engines import EngineSettings
 from cvtool.errors import UsageError
 from cvtool.images import list_images
 from cvtool.inference import write_predictions
@@ -71,6 +72,7 @@ def ensemble(
     label_format: str = "name",
     resume: bool = False,
     shard: str | Shard | None = None,
+    engine: str | EngineSettings | None = None,
 ) -> RunResult:
     """Write the combined predictions of ``models`` for every image under ``input`` (predict's CSV format).
 
@@ -93,6 +95,7 @@ def ensemble(
         label_format: ``name``, ``wnid`` or ``both``, for ``imagenet:NAME`` models.
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
+        engine: where the scoring runs: ``local`` or ``ray`` (:mod:`cvtool.engines`); None: ``$CVTOOL_ENGINE``.
 
     Example: ``ensemble(["runs/a", "runs/b"], "incoming/", "preds.csv", rule="geometric")``.
     """
@@ -114,4 +117,5 @@ def ensemble(
             quiet=quiet,
             input=input,
             label_format=label_format,
+            engine=engine,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cvtool.bundle import Classifier
+from cvtool.engines import EngineSettings
 from cvtool.images import list_images
 from cvtool.inference import write_predictions
 from cvtool.jobs import BatchJob, RunResult, Shard
@@ -31,6 +32,7 @@ def predict(
     weights: str | Path | None = None,
     resume: bool = False,
     shard: str | Shard | None = None,
+    engine: str | EngineSettings | None = None,
 ) -> RunResult:
     """Write ``out`` (path,label,score,label_2,score_2,...) for every image under ``input``.
 
@@ -51,6 +53,7 @@ def predict(
         weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
+        engine: where the scoring runs: ``local`` or ``ray`` (:mod:`cvtool.engines`); None: ``$CVTOOL_ENGINE``.
 
     Example: ``predict("runs/clothes", "incoming/", "preds.csv", top_k=1)``.
     """
@@ -71,4 +74,5 @@ def predict(
             quiet=quiet,
             input=input,
             label_format=label_format,
+            engine=engine,
         )

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from cvtool.bundle import Classifier
+from cvtool.engines import EngineSettings
 from cvtool.errors import UsageError
 from cvtool.images import list_images, resize
 from cvtool.inference import write_predictions
@@ -216,6 +217,7 @@ def tta(
     weights: str | Path | None = None,
     resume: bool = False,
     shard: str | Shard | None = None,
+    engine: str | EngineSettings | None = None,
 ) -> RunResult:
     """Write predictions reduced (``options.reduce``) over the TTA views of every image under ``input``.
 
@@ -235,6 +237,7 @@ def tta(
         weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
+        engine: where the scoring runs: ``local`` or ``ray`` (:mod:`cvtool.engines`); None: ``$CVTOOL_ENGINE``.
 
     Example: ``tta("runs/clothes", "incoming/", "preds.csv", options=TtaOptions(transforms=("identity", "crop")))``.
     """
@@ -252,4 +255,5 @@ def tta(
             quiet=quiet,
             input=input,
             label_format=label_format,
+            engine=engine,
         )
