@@ -21,6 +21,7 @@ from cvtool import __version__
 from cvtool.cam import METHODS as CAM_METHODS
 from cvtool.classmap import DEFAULT_MODEL as DEFAULT_SEGMENT_MODEL
 from cvtool.config import FinetuneConfig, TrainConfig, from_options, option_fields
+from cvtool.engines import ENGINES
 from cvtool.errors import EXIT_UNUSABLE, EXIT_USAGE, CvtoolError
 from cvtool.imagenet import LABEL_FORMATS
 from cvtool.rules import ENSEMBLE_RULES, VIEW_REDUCERS
@@ -181,6 +182,25 @@ RuleWeights = Annotated[
 ]
 Method = Annotated[str, typer.Option(help=f"CAM method: {CAM_METHODS.described()}.")]
 CsvOut = Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV to write.", show_default=False)]
+# --engine and the Ray engine's worker options (cvtool.engines; docs/ray.md).
+Engine = Annotated[str, typer.Option(envvar="CVTOOL_ENGINE", help=f"Where the work runs: {ENGINES.described()}.")]
+RayAddress = Annotated[
+    str,
+    typer.Option(
+        envvar="RAY_ADDRESS", help="--engine ray: the Ray cluster to join.", show_default="none: Ray starts here"
+    ),
+]
+Replicas = Annotated[
+    str,
+    typer.Option(
+        envvar="CVTOOL_REPLICAS",
+        help="--engine ray: model replicas, N or MIN:MAX (Ray scales between them); auto: 1 to what the cluster fits.",
+    ),
+]
+CpusPerReplica = Annotated[float, typer.Option(min=0.0, help="--engine ray: CPUs each model replica reserves.")]
+GpusPerReplica = Annotated[
+    float, typer.Option(min=0.0, help="--engine ray: GPUs each model replica reserves (fractions share one).")
+]
 
 # Each shared option once: its alias and default. Commands list the ones they take (@shared_options) and
 # receive them as **options, named as the library functions name their keywords.
@@ -199,10 +219,16 @@ SHARED_OPTIONS = {
     "label_format": (LabelFormat, "name"),
     "resume": (Resume, False),
     "shard": (ShardOpt, ""),
+    "engine": (Engine, "local"),
+    "ray_address": (RayAddress, ""),
+    "replicas": (Replicas, "auto"),
+    "cpus_per_replica": (CpusPerReplica, 1.0),
+    "gpus_per_replica": (GpusPerReplica, 0.0),
 }
 TTA_FIELDS = ("transforms", "reduce", "crop_scale", "copies", "seed")  # cvtool.tta.TtaOptions' fields
 JOB_OPTIONS = ("overwrite", "quiet", "resume", "shard")  # every resumable, shardable batch command
 MODEL_OPTIONS = ("unsafe_load", "weights")  # every command that loads a classifier
+ENGINE_OPTIONS = ("engine", "ray_address", "replicas", "cpus_per_replica", "gpus_per_replica")  # scoring commands
 
 
 def shared_options(*names: str):
@@ -405,19 +431,19 @@ def train(
 
 @app.command()
 @reports_errors
-@shared_options("top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS)
+@shared_options("top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS, *ENGINE_OPTIONS)
 def predict(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int:
     """Classify every image under INPUT: one CSV row per image (path,label,score,label_2,score_2,...)."""
     from cvtool.predict import predict as run_predict
 
-    result = run_predict(model, input, out, **options)
+    result = run_predict(model, input, out, engine=_engine_options(options), **options)
     _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
 
 
 @app.command()
 @reports_errors
-@shared_options("top_k", "batch_size", "overwrite", "quiet", *MODEL_OPTIONS, *TTA_FIELDS)
+@shared_options("top_k", "batch_size", "overwrite", "quiet", *MODEL_OPTIONS, *TTA_FIELDS, *ENGINE_OPTIONS)
 def evaluate(
     models: Annotated[
         list[str],
@@ -482,6 +508,7 @@ def evaluate(
         tta=_tta_options(options, use=use_tta),
         rule=rule if len(models) > 1 or rule != "mean" else None,
         rule_weights=parse_weights(rule_weights),
+        engine=_engine_options(options),
         **options,
     )
     from cvtool.evaluate import format_summary
@@ -494,7 +521,7 @@ def evaluate(
 
 @app.command()
 @reports_errors
-@shared_options(*JOB_OPTIONS)
+@shared_options(*JOB_OPTIONS, "engine")
 def segment(
     input: InputArg,
     out: Annotated[
@@ -538,6 +565,7 @@ def segment(
     **options,
 ) -> int:
     """Per-pixel classes for every image under INPUT: mask, colour mask and overlay per image, legend, pixel counts."""
+    _engine_options(options, refuse_ray="segment")
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
     from cvtool.segment import SegmentConfig, parse_size
     from cvtool.segment import segment as run_segment
@@ -606,7 +634,7 @@ def merge(
 
 @app.command()
 @reports_errors
-@shared_options("batch_size", *MODEL_OPTIONS, *JOB_OPTIONS)
+@shared_options("batch_size", *MODEL_OPTIONS, *JOB_OPTIONS, "engine")
 def gradcam(
     model: ModelArg,
     input: InputArg,
@@ -641,6 +669,7 @@ def gradcam(
     **options,
 ) -> int:
     """Grad-CAM heatmaps: where the model looked, as overlays at each input image's own size."""
+    _engine_options(options, refuse_ray="gradcam")
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
     from cvtool.gradcam import gradcam as run_gradcam
 
@@ -688,19 +717,19 @@ def finetune(
 
 @app.command()
 @reports_errors
-@shared_options(*TTA_FIELDS, "top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS)
+@shared_options(*TTA_FIELDS, "top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS, *ENGINE_OPTIONS)
 def tta(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int:
     """Predictions averaged over augmented views of every image (test-time augmentation); predict's CSV format."""
     from cvtool.tta import tta as run_tta
 
-    result = run_tta(model, input, out, options=_tta_options(options), **options)
+    result = run_tta(model, input, out, options=_tta_options(options), engine=_engine_options(options), **options)
     _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
 
 
 @app.command()
 @reports_errors
-@shared_options(*TTA_FIELDS, "top_k", "batch_size", "unsafe_load", "label_format", *JOB_OPTIONS)
+@shared_options(*TTA_FIELDS, "top_k", "batch_size", "unsafe_load", "label_format", *JOB_OPTIONS, *ENGINE_OPTIONS)
 def ensemble(
     models: Annotated[
         Optional[list[str]],
@@ -761,6 +790,7 @@ def ensemble(
         rule_weights=parse_weights(rule_weights),
         weights=weights,
         tta=_tta_options(options, use=use_tta),
+        engine=_engine_options(options),
         **options,
     )
     _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
@@ -783,6 +813,26 @@ def _tta_options(options: dict, use: bool = True):
     from cvtool.tta import TtaOptions, parse_transforms
 
     return TtaOptions(**{**fields, "transforms": parse_transforms(fields["transforms"])})
+
+
+def _engine_options(options: dict, refuse_ray: str | None = None):
+    """Take the engine options out of a command's ``options``: one :class:`cvtool.engines.EngineSettings`.
+
+    ``refuse_ray``: the command's name, for commands without a Ray engine yet (``--engine ray`` is exit 2).
+    """
+    from cvtool.engines import engine_settings, refuse_ray_engine
+
+    fields = {name: options.pop(name) for name in ENGINE_OPTIONS if name in options}
+    if refuse_ray:
+        refuse_ray_engine(fields["engine"], refuse_ray)
+        return None
+    return engine_settings(
+        fields["engine"],
+        address=fields["ray_address"],
+        replicas=fields["replicas"],
+        cpus_per_replica=fields["cpus_per_replica"],
+        gpus_per_replica=fields["gpus_per_replica"],
+    )
 
 
 def _report(processed: int, failed: int, out: Path, errors: Path, quiet: bool) -> None:

@@ -53,6 +53,13 @@ class EngineSettings:
             raise UsageError("--cpus-per-replica and --gpus-per-replica must not be negative")
         if self.cpus_per_replica == 0 and self.gpus_per_replica == 0:
             raise UsageError("a replica needs a CPU or a GPU: --cpus-per-replica and --gpus-per-replica are both 0")
+        if self.name == "ray":  # Ray missing, or a cluster that does not answer: said before any model is loaded
+            from cvtool.ray_cluster import check_reachable, import_ray
+
+            import_ray()
+            address = self.address or os.environ.get("RAY_ADDRESS")
+            if address:
+                check_reachable(address)
 
 
 def parse_replicas(text: str | None) -> tuple[int, int] | None:
@@ -92,7 +99,7 @@ def engine_settings(
     return EngineSettings(name, address or None, replicas, cpus_per_replica, gpus_per_replica)
 
 
-def refuse_ray(engine: str | EngineSettings | None, command: str) -> None:
+def refuse_ray_engine(engine: str | EngineSettings | None, command: str) -> None:
     """Commands that have no Ray engine yet refuse ``--engine ray`` in one line (exit 2)."""
     if engine_settings(engine).name != "local":
         raise UsageError(f"{command} does not run on --engine ray yet; use --engine local (or --shard K/N and merge)")

@@ -29,7 +29,7 @@ def import_ray():
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None) -> Iterator[object]:
+def ray_session(address: str | None = None, *, log_to_driver: bool = False) -> Iterator[object]:
     """Ray connected for the block: joins ``address`` (else ``$RAY_ADDRESS``) or starts Ray on this machine.
 
     A Ray that the caller already started (``ray.init()`` in Python) is used and left running; a Ray this
@@ -37,6 +37,7 @@ def ray_session(address: str | None = None) -> Iterator[object]:
 
     Args:
         address: a cluster address (``host:6379``, ``ray://host:10001``); None: ``$RAY_ADDRESS`` or local.
+        log_to_driver: show the workers' output here (training shows the chief's progress lines).
 
     Example: ``with ray_session("head:6379") as ray: ray.cluster_resources()``.
     """
@@ -46,10 +47,12 @@ def ray_session(address: str | None = None) -> Iterator[object]:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     # Workers' stdout/stderr (TensorFlow's start-up lines) stay in Ray's logs; failures come back as exceptions.
-    kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
+    kwargs = {"include_dashboard": False, "log_to_driver": log_to_driver, "logging_level": logging.ERROR}
+    if address:
+        check_reachable(address)
     try:
         with _quiet_core_logs():
-            ray.init(address=address, **kwargs)
+            ray.init(address=address or "local", **kwargs)  # "local": always a Ray of our own
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise UnusableError(f"cannot reach {where}: {first_line(exc)}") from None
@@ -58,6 +61,21 @@ def ray_session(address: str | None = None) -> Iterator[object]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A cluster address whose port does not answer is refused at once (exit 3): Ray itself keeps retrying
+    an unreachable head for minutes. ``auto`` (Ray's own lookup) is left to Ray."""
+    import socket
+
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UnusableError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager
