@@ -335,6 +335,8 @@ Members = Annotated[
         metavar="INTEGER",
     ),
 ]
+Workers = Annotated[int, typer.Option(min=1, help="--engine ray: Ray Train workers (one TensorFlow process each).")]
+GpusPerWorker = Annotated[float, typer.Option(min=0.0, help="--engine ray: GPUs each training worker reserves.")]
 # What a value looks like in --help (a flag shows none).
 METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", bool: ""}
 
@@ -381,6 +383,34 @@ def config_options(cls):
     return decorate
 
 
+def _on_ray(engine: str) -> bool:
+    from cvtool.engines import engine_settings
+
+    return engine_settings(engine).name == "ray"
+
+
+def _train_on_ray(kind, data, out, cfg, workers, gpus_per_worker, address, overwrite, resume, quiet) -> int:
+    """train/finetune --engine ray (:mod:`cvtool.ray_training`): the chief writes --out."""
+    from cvtool.ray_training import train_on_ray
+
+    result = train_on_ray(
+        kind,
+        data,
+        out,
+        cfg=cfg,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        address=address or None,
+        overwrite=overwrite,
+        resume=resume,
+        quiet=quiet,
+    )
+    typer.echo(f"model saved to {result.run_dir} ({workers} Ray workers)")
+    if result.skipped:
+        typer.echo(f"{result.skipped} files skipped: could not be read (see {result.run_dir / 'errors.csv'})", err=True)
+    return 1 if result.skipped else 0
+
+
 def _report_skipped(results) -> None:
     """Why a training run exits 1: how many unreadable files it skipped, and where they are listed."""
     from cvtool.trainer import ERRORS_FILE
@@ -406,12 +436,22 @@ def train(
     members: Members = 1,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    engine: Engine = "local",
+    workers: Workers = 2,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    ray_address: RayAddress = "",
 ) -> int:
     """Train a classifier from scratch; writes model.keras, cvtool.json, history, checkpoints/, logs/ into --out."""
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
+    cfg = from_options(TrainConfig, options, resume)  # --resume: the stored config; only --epochs can change
+    if _on_ray(engine):
+        if members > 1:
+            from cvtool.errors import UsageError
+
+            raise UsageError("--members does not run on --engine ray yet; train the members with --engine local")
+        return _train_on_ray("train", data, out, cfg, workers, gpus_per_worker, ray_address, overwrite, resume, quiet)
     from cvtool.train import train as run_train
 
-    cfg = from_options(TrainConfig, options, resume)  # --resume: the stored config; only --epochs can change
     if members > 1:
         from cvtool.train import train_members
 
@@ -703,12 +743,19 @@ def finetune(
     resume: TrainResume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    engine: Engine = "local",
+    workers: Workers = 2,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    ray_address: RayAddress = "",
 ) -> int:
     """Transfer learning: train a new head on a frozen pretrained backbone, then fine-tune its top layers."""
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
+    cfg = from_options(FinetuneConfig, options, resume)  # --resume: the stored config; only --epochs can change
+    if _on_ray(engine):
+        gpus, address = gpus_per_worker, ray_address
+        return _train_on_ray("finetune", data, out, cfg, workers, gpus, address, overwrite, resume, quiet)
     from cvtool.finetune import finetune as run_finetune
 
-    cfg = from_options(FinetuneConfig, options, resume)  # --resume: the stored config; only --epochs can change
     result = run_finetune(data, out, cfg=cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
     _report_skipped([result])

@@ -160,6 +160,24 @@ def test_sigkill_of_a_replica_mid_run_loses_and_duplicates_no_row(cluster, train
     assert any(a["pid"] != killed for a in restarted)
 
 
+def test_two_ray_workers_train_a_run_directory_that_predicts(cluster, colour_data, photos, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    args = ["train", str(colour_data), "--out", str(run), "--epochs", "1", "--image-size", "32", "--batch-size", "6"]
+    done = cli(*args, "--engine", "ray", "--workers", "2", env={"RAY_ADDRESS": cluster.address}, timeout=600)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((run / "cvtool.json").read_text())
+    training = meta["training"]
+    assert (training["engine"], training["workers"], training["replicas"]) == ("ray", 2, 2)
+    assert training["strategy"] == "CollectiveAllReduceStrategy" and training["loop"] == "custom"
+    assert (run / "history.csv").read_text().count("\n") == 2  # header + one epoch, written once (the chief)
+    assert (run / "checkpoints" / "last.json").exists()
+    done = cli("predict", str(run), str(photos), "--out", str(tmp_path / "p.csv"))
+    assert done.returncode == 1, done.stderr  # the broken file; every other image classified
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 38
+
+
 def test_a_replica_asking_for_gpus_no_node_has_is_refused_in_one_line(cluster, trained_run, photos, tmp_path):
     env = {"RAY_ADDRESS": cluster.address}
     args = ["predict", str(trained_run), str(photos), "--out", str(tmp_path / "p.csv"), "--engine", "ray"]
