@@ -51,7 +51,7 @@ def ray_session(address: str | None = None, *, log_to_driver: bool = False) -> I
     if address:
         check_reachable(address)
     try:
-        with _quiet_core_logs():
+        with _quiet_core_logs(), _keep_signal_handlers():
             ray.init(address=address or "local", **kwargs)  # "local": always a Ray of our own
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
@@ -76,6 +76,26 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
         raise UnusableError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """SIGINT/SIGTERM handlers as they were before ``ray.init``: Ray's core installs its own crash handler for
+    SIGTERM, which prints a stack banner and aborts (exit -6) after cvtool has kept the partial; cvtool's
+    handler stops the run cleanly instead (exit 143, ``--resume`` continues)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 @contextlib.contextmanager

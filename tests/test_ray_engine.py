@@ -153,6 +153,41 @@ def test_sigkill_of_a_replica_mid_run_loses_and_duplicates_no_row(cluster, train
     assert [r.split(",")[0] for r in rows] == ref  # every input exactly once, in input order
 
 
+def test_an_interrupted_ray_run_resumes_on_ray_with_every_row_once(cluster, trained_run, tmp_path):
+    from cvtool.tta import TtaOptions, tta
+
+    photos = tmp_path / "many"
+    photos.mkdir()
+    for i in range(120):
+        colour_image((200 - i, 60 + i, 90), size=(40, 32), seed=i).save(photos / f"{i:03d}.png")
+    views = TtaOptions(transforms=("identity", "hflip", "crop"))
+    expected = tmp_path / "local.csv"
+    tta(trained_run, photos, expected, options=views, quiet=True)
+    out = tmp_path / "ray.csv"
+    args = ["tta", str(trained_run), str(photos), "--out", str(out), "--transforms", "identity,hflip,crop"]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "cvtool", *args, "--engine", "ray", "--batch-size", "2"],
+        env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": cluster.address, "CVTOOL_QUIET": "1"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    part = out.with_name(out.name + ".part")
+    deadline = time.monotonic() + 240
+    while run.poll() is None and time.monotonic() < deadline:
+        if part.exists() and len(part.read_text().splitlines()) > 5:
+            run.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.1)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 143, stderr  # stopped cleanly, the rows so far kept
+    kept = len(part.read_text().splitlines()) - 1
+    assert 0 < kept < 120
+    result = tta(trained_run, photos, out, options=views, quiet=True, resume=True, engine="ray")
+    assert result.processed == 120
+    same = [r.split(",")[0] for r in out.read_text().splitlines()]
+    assert same == [r.split(",")[0] for r in expected.read_text().splitlines()]
+
+
 def replica_pids() -> list[int]:
     """Processes of the model replicas (Ray titles an actor's process ``ray::MapWorker(...ScoreReplica...)``).
 
