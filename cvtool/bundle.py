@@ -15,6 +15,7 @@ and picks a run's export for ``--runtime`` (:func:`choose_export`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -56,6 +57,8 @@ class Classifier:
     runtime: str = "tf"  # what computes the scores (cvtool.runtimes); "tf" with a Keras ``model``
     runner: Any = None  # an exported artefact's runner (uint8 images -> probabilities); ``model`` is then None
     _forward: Any = field(default=None, repr=False)
+    # (spec, unsafe, weights) that load_classifier was given: how another process (a Ray actor) loads it again
+    load_args: tuple | None = None
 
     @property
     def num_classes(self) -> int:
@@ -76,6 +79,24 @@ class Classifier:
                 forward, input_signature=[tf.TensorSpec([None, *self.image_size, 3], tf.float32)]
             )
         return np.asarray(self._forward(tf.convert_to_tensor(images, tf.float32)), dtype=np.float32)
+
+    def without_model(self) -> Classifier:
+        """A light copy to send to other processes: class names, input size, meta and how to load the model
+        (:meth:`reload`), but no model. Example: ``pickle.dumps(classifier.without_model())``."""
+        return dataclasses.replace(self, model=None, features=None, _forward=None)
+
+    def reload(self) -> Classifier:
+        """The model loaded again, the way :func:`load_classifier` loaded it (in a Ray actor, once per actor).
+
+        A classifier built in Python rather than loaded from a path has no way to be loaded again: usage error.
+        Example: ``classifier.without_model().reload().predict(images)``.
+        """
+        if self.load_args is None:
+            raise UsageError(
+                "this model was not loaded from a path, so other processes cannot load it: give MODEL as a path"
+            )
+        spec, unsafe, weights, runtime = self.load_args
+        return load_classifier(spec, unsafe, weights, runtime=runtime)
 
 
 def versions() -> dict:
@@ -347,6 +368,19 @@ def load_classifier(
     (:func:`choose_export`), or the artefact given itself (``model.tflite``, ``model.onnx``, a SavedModel
     folder or an export folder, with ``labels.txt`` and ``export.json`` beside it).
     """
+    classifier = _load_classifier(spec, unsafe, weights, runtime)
+    classifier.load_args = (_absolute(spec), unsafe, None if weights is None else _absolute(weights), runtime)
+    return classifier
+
+
+def _absolute(spec: str | os.PathLike) -> str:
+    """A local path made absolute (other processes may run in another folder); names and URLs as they are."""
+    return os.path.abspath(spec) if os.path.exists(spec) else str(spec)
+
+
+def _load_classifier(
+    spec: str | os.PathLike, unsafe: bool, weights: str | os.PathLike | None, runtime: str
+) -> Classifier:
     from cvtool import imagenet
     from cvtool.runtimes import check_runtime
 

@@ -21,6 +21,7 @@ from cvtool import __version__
 from cvtool.cam import METHODS as CAM_METHODS
 from cvtool.classmap import DEFAULT_MODEL as DEFAULT_SEGMENT_MODEL
 from cvtool.config import FinetuneConfig, TrainConfig, from_options, option_fields
+from cvtool.engines import ENGINES
 from cvtool.errors import EXIT_UNUSABLE, EXIT_USAGE, CvtoolError
 from cvtool.export import FORMATS as EXPORT_FORMATS
 from cvtool.formats import FORMATS
@@ -203,6 +204,25 @@ ResultFormat = Annotated[
         show_default="from --out's suffix",
     ),
 ]
+# --engine and the Ray engine's worker options (cvtool.engines; docs/ray.md).
+Engine = Annotated[str, typer.Option(envvar="CVTOOL_ENGINE", help=f"Where the work runs: {ENGINES.described()}.")]
+RayAddress = Annotated[
+    str,
+    typer.Option(
+        envvar="RAY_ADDRESS", help="--engine ray: the Ray cluster to join.", show_default="none: Ray starts here"
+    ),
+]
+Replicas = Annotated[
+    str,
+    typer.Option(
+        envvar="CVTOOL_REPLICAS",
+        help="--engine ray: model replicas, N or MIN:MAX (Ray scales between them); auto: 1 to what the cluster fits.",
+    ),
+]
+CpusPerReplica = Annotated[float, typer.Option(min=0.0, help="--engine ray: CPUs each model replica reserves.")]
+GpusPerReplica = Annotated[
+    float, typer.Option(min=0.0, help="--engine ray: GPUs each model replica reserves (fractions share one).")
+]
 
 # Each shared option once: its alias and default. Commands list the ones they take (@shared_options) and
 # receive them as **options, named as the library functions name their keywords.
@@ -223,10 +243,16 @@ SHARED_OPTIONS = {
     "resume": (Resume, False),
     "shard": (ShardOpt, ""),
     "format": (ResultFormat, None),
+    "engine": (Engine, "local"),
+    "ray_address": (RayAddress, ""),
+    "replicas": (Replicas, "auto"),
+    "cpus_per_replica": (CpusPerReplica, 1.0),
+    "gpus_per_replica": (GpusPerReplica, 0.0),
 }
 TTA_FIELDS = ("transforms", "reduce", "crop_scale", "copies", "seed")  # cvtool.tta.TtaOptions' fields
 JOB_OPTIONS = ("overwrite", "quiet", "resume", "shard")  # every resumable, shardable batch command
 MODEL_OPTIONS = ("unsafe_load", "weights", "runtime")  # every command that scores with a classifier
+ENGINE_OPTIONS = ("engine", "ray_address", "replicas", "cpus_per_replica", "gpus_per_replica")  # scoring commands
 
 
 def shared_options(*names: str):
@@ -333,6 +359,8 @@ Members = Annotated[
         metavar="INTEGER",
     ),
 ]
+Workers = Annotated[int, typer.Option(min=1, help="--engine ray: Ray Train workers (one TensorFlow process each).")]
+GpusPerWorker = Annotated[float, typer.Option(min=0.0, help="--engine ray: GPUs each training worker reserves.")]
 # What a value looks like in --help (a flag shows none).
 METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", bool: ""}
 
@@ -379,6 +407,34 @@ def config_options(cls):
     return decorate
 
 
+def _on_ray(engine: str) -> bool:
+    from cvtool.engines import engine_settings
+
+    return engine_settings(engine).name == "ray"
+
+
+def _train_on_ray(kind, data, out, cfg, workers, gpus_per_worker, address, overwrite, resume, quiet) -> int:
+    """train/finetune --engine ray (:mod:`cvtool.ray_training`): the chief writes --out."""
+    from cvtool.ray_training import train_on_ray
+
+    result = train_on_ray(
+        kind,
+        data,
+        out,
+        cfg=cfg,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        address=address or None,
+        overwrite=overwrite,
+        resume=resume,
+        quiet=quiet,
+    )
+    typer.echo(f"model saved to {result.run_dir} ({workers} Ray workers)")
+    if result.skipped:
+        typer.echo(f"{result.skipped} files skipped: could not be read (see {result.run_dir / 'errors.csv'})", err=True)
+    return 1 if result.skipped else 0
+
+
 def _report_skipped(results) -> None:
     """Why a training run exits 1: how many unreadable files it skipped, and where they are listed."""
     from cvtool.trainer import ERRORS_FILE
@@ -404,12 +460,22 @@ def train(
     members: Members = 1,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    engine: Engine = "local",
+    workers: Workers = 2,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    ray_address: RayAddress = "",
 ) -> int:
     """Train a classifier from scratch; writes model.keras, cvtool.json, history, checkpoints/, logs/ into --out."""
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
+    cfg = from_options(TrainConfig, options, resume)  # --resume: the stored config; only --epochs can change
+    if _on_ray(engine):
+        if members > 1:
+            from cvtool.errors import UsageError
+
+            raise UsageError("--members does not run on --engine ray yet; train the members with --engine local")
+        return _train_on_ray("train", data, out, cfg, workers, gpus_per_worker, ray_address, overwrite, resume, quiet)
     from cvtool.train import train as run_train
 
-    cfg = from_options(TrainConfig, options, resume)  # --resume: the stored config; only --epochs can change
     if members > 1:
         from cvtool.train import train_members
 
@@ -429,19 +495,19 @@ def train(
 
 @app.command()
 @reports_errors
-@shared_options("top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS, "format")
+@shared_options("top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS, "format", *ENGINE_OPTIONS)
 def predict(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int:
     """Classify every image under INPUT: one CSV row per image (path,label,score,label_2,score_2,...)."""
     from cvtool.predict import predict as run_predict
 
-    result = run_predict(model, input, out, **options)
+    result = run_predict(model, input, out, engine=_engine_options(options), **options)
     _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
 
 
 @app.command()
 @reports_errors
-@shared_options("top_k", "batch_size", "overwrite", "quiet", *MODEL_OPTIONS, *TTA_FIELDS)
+@shared_options("top_k", "batch_size", "overwrite", "quiet", *MODEL_OPTIONS, *TTA_FIELDS, *ENGINE_OPTIONS)
 def evaluate(
     models: Annotated[
         list[str],
@@ -506,6 +572,7 @@ def evaluate(
         tta=_tta_options(options, use=use_tta),
         rule=rule if len(models) > 1 or rule != "mean" else None,
         rule_weights=parse_weights(rule_weights),
+        engine=_engine_options(options),
         **options,
     )
     from cvtool.evaluate import format_summary
@@ -518,7 +585,7 @@ def evaluate(
 
 @app.command()
 @reports_errors
-@shared_options(*JOB_OPTIONS)
+@shared_options(*JOB_OPTIONS, "engine")
 def segment(
     input: InputArg,
     out: Annotated[
@@ -562,6 +629,7 @@ def segment(
     **options,
 ) -> int:
     """Per-pixel classes for every image under INPUT: mask, colour mask and overlay per image, legend, pixel counts."""
+    _engine_options(options, refuse_ray="segment")
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
     from cvtool.segment import SegmentConfig, parse_size
     from cvtool.segment import segment as run_segment
@@ -633,7 +701,7 @@ def merge(
 
 @app.command()
 @reports_errors
-@shared_options("batch_size", "unsafe_load", "weights", *JOB_OPTIONS)
+@shared_options("batch_size", "unsafe_load", "weights", *JOB_OPTIONS, "engine")
 def gradcam(
     model: ModelArg,
     input: InputArg,
@@ -671,6 +739,7 @@ def gradcam(
     **options,
 ) -> int:
     """Grad-CAM heatmaps: where the model looked, as overlays at each input image's own size."""
+    _engine_options(options, refuse_ray="gradcam")
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
     from cvtool.gradcam import gradcam as run_gradcam
 
@@ -746,12 +815,19 @@ def finetune(
     resume: TrainResume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    engine: Engine = "local",
+    workers: Workers = 2,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    ray_address: RayAddress = "",
 ) -> int:
     """Transfer learning: train a new head on a frozen pretrained backbone, then fine-tune its top layers."""
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
+    cfg = from_options(FinetuneConfig, options, resume)  # --resume: the stored config; only --epochs can change
+    if _on_ray(engine):
+        gpus, address = gpus_per_worker, ray_address
+        return _train_on_ray("finetune", data, out, cfg, workers, gpus, address, overwrite, resume, quiet)
     from cvtool.finetune import finetune as run_finetune
 
-    cfg = from_options(FinetuneConfig, options, resume)  # --resume: the stored config; only --epochs can change
     result = run_finetune(data, out, cfg=cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
     _report_skipped([result])
@@ -760,19 +836,24 @@ def finetune(
 
 @app.command()
 @reports_errors
-@shared_options(*TTA_FIELDS, "top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS, "format")
+@shared_options(
+    *TTA_FIELDS, "top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS, "format", *ENGINE_OPTIONS
+)
 def tta(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int:
     """Predictions averaged over augmented views of every image (test-time augmentation); predict's CSV format."""
     from cvtool.tta import tta as run_tta
 
-    result = run_tta(model, input, out, options=_tta_options(options), **options)
+    result = run_tta(model, input, out, options=_tta_options(options), engine=_engine_options(options), **options)
     _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
 
 
 @app.command()
 @reports_errors
-@shared_options(*TTA_FIELDS, "top_k", "batch_size", "unsafe_load", "runtime", "label_format", *JOB_OPTIONS, "format")
+@shared_options(
+    *TTA_FIELDS, "top_k", "batch_size", "unsafe_load", "runtime", "label_format", *JOB_OPTIONS, "format",
+    *ENGINE_OPTIONS,
+)  # fmt: skip
 def ensemble(
     models: Annotated[
         Optional[list[str]],
@@ -833,6 +914,7 @@ def ensemble(
         rule_weights=parse_weights(rule_weights),
         weights=weights,
         tta=_tta_options(options, use=use_tta),
+        engine=_engine_options(options),
         **options,
     )
     _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
@@ -916,6 +998,26 @@ def _tta_options(options: dict, use: bool = True):
     from cvtool.tta import TtaOptions, parse_transforms
 
     return TtaOptions(**{**fields, "transforms": parse_transforms(fields["transforms"])})
+
+
+def _engine_options(options: dict, refuse_ray: str | None = None):
+    """Take the engine options out of a command's ``options``: one :class:`cvtool.engines.EngineSettings`.
+
+    ``refuse_ray``: the command's name, for commands without a Ray engine yet (``--engine ray`` is exit 2).
+    """
+    from cvtool.engines import engine_settings, refuse_ray_engine
+
+    fields = {name: options.pop(name) for name in ENGINE_OPTIONS if name in options}
+    if refuse_ray:
+        refuse_ray_engine(fields["engine"], refuse_ray)
+        return None
+    return engine_settings(
+        fields["engine"],
+        address=fields["ray_address"],
+        replicas=fields["replicas"],
+        cpus_per_replica=fields["cpus_per_replica"],
+        gpus_per_replica=fields["gpus_per_replica"],
+    )
 
 
 def _report(processed: int, failed: int, out: Path, errors: Path, quiet: bool) -> None:

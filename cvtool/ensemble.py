@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cvtool.bundle import Classifier
+from cvtool.engines import EngineSettings
 from cvtool.errors import UsageError
 from cvtool.images import list_images
 from cvtool.inference import write_predictions
@@ -75,6 +76,7 @@ def ensemble(
     resume: bool = False,
     shard: str | Shard | None = None,
     format: str | None = None,
+    engine: str | EngineSettings | None = None,
 ) -> RunResult:
     """Write the combined predictions of ``models`` for every image under ``input`` (predict's CSV format).
 
@@ -99,6 +101,7 @@ def ensemble(
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
         format: ``csv``, ``jsonl`` or ``parquet`` (default: from ``out``'s suffix; see :mod:`cvtool.formats`).
+        engine: where the scoring runs: ``local`` or ``ray`` (:mod:`cvtool.engines`); None: ``$CVTOOL_ENGINE``.
 
     Example: ``ensemble(["runs/a", "runs/b"], "incoming/", "preds.csv", rule="geometric")``.
     """
@@ -126,4 +129,5 @@ def ensemble(
             quiet=quiet,
             input=input,
             label_format=label_format,
+            engine=engine,
         )

@@ -16,6 +16,7 @@ import numpy as np
 from cvtool.batches import Failure
 from cvtool.bundle import Classifier
 from cvtool.data import LAYOUTS, LabelledSet, read_class_folders, split_dirs
+from cvtool.engines import EngineSettings
 from cvtool.ensemble import ensemble_scorer
 from cvtool.errors import UnusableError, UsageError
 from cvtool.fonts import text_fonts
@@ -309,6 +310,7 @@ def evaluate(
     tta: TtaOptions | None = None,
     rule: str | None = None,
     rule_weights: Sequence[float] | None = None,
+    engine: str | EngineSettings | None = None,
 ) -> EvalResult:
     """Evaluate a model on a labelled folder (or a flat folder plus a labels CSV); write reports to ``out``.
 
@@ -339,6 +341,7 @@ def evaluate(
         tta: also score the TTA views (which must include identity) and report the gain.
         rule: how several models are combined; None: mean, or a single ensemble run's own rule.
         rule_weights: the weighted rule's weights, one per model.
+        engine: where the scoring runs: ``local`` or ``ray`` (:mod:`cvtool.engines`); None: ``$CVTOOL_ENGINE``.
 
     Example: ``evaluate("runs/clothes", "photos/", "reports/", ranks=(1, 5)).metrics["accuracy"]``.
     """
@@ -400,7 +403,7 @@ def evaluate(
         for f in failures:
             errors.write([path_cell(f.item.rel), f.reason])
             warn(f"{path_cell(f.item.rel)}: {f.reason}")
-        for batch, member_probs in score_batches(scorer, labelled.items, batch_size):
+        for batch, member_probs in score_batches(scorer, labelled.items, batch_size, engine):
             probs = scorer.reduce_views_then_members(member_probs)
             for f in batch.failures:
                 errors.write([path_cell(f.item.rel), f.reason])

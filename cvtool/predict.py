@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cvtool.bundle import Classifier
+from cvtool.engines import EngineSettings
 from cvtool.images import list_images
 from cvtool.inference import write_predictions
 from cvtool.jobs import BatchJob, RunResult, Shard
@@ -33,6 +34,7 @@ def predict(
     resume: bool = False,
     shard: str | Shard | None = None,
     format: str | None = None,
+    engine: str | EngineSettings | None = None,
 ) -> RunResult:
     """Write ``out`` (path,label,score,label_2,score_2,...) for every image under ``input``.
 
@@ -55,6 +57,7 @@ def predict(
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
         format: ``csv``, ``jsonl`` or ``parquet`` (default: from ``out``'s suffix; see :mod:`cvtool.formats`).
+        engine: where the scoring runs: ``local`` or ``ray`` (:mod:`cvtool.engines`); None: ``$CVTOOL_ENGINE``.
 
     Example: ``predict("runs/clothes", "incoming/", "preds.csv", top_k=1)``.
     """
@@ -79,4 +82,5 @@ def predict(
             quiet=quiet,
             input=input,
             label_format=label_format,
+            engine=engine,
         )

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from cvtool.bundle import Classifier
+from cvtool.engines import EngineSettings
 from cvtool.errors import UsageError
 from cvtool.images import list_images, resize
 from cvtool.inference import write_predictions
@@ -218,6 +219,7 @@ def tta(
     resume: bool = False,
     shard: str | Shard | None = None,
     format: str | None = None,
+    engine: str | EngineSettings | None = None,
 ) -> RunResult:
     """Write predictions reduced (``options.reduce``) over the TTA views of every image under ``input``.
 
@@ -239,6 +241,7 @@ def tta(
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
         format: ``csv``, ``jsonl`` or ``parquet`` (default: from ``out``'s suffix; see :mod:`cvtool.formats`).
+        engine: where the scoring runs: ``local`` or ``ray`` (:mod:`cvtool.engines`); None: ``$CVTOOL_ENGINE``.
 
     Example: ``tta("runs/clothes", "incoming/", "preds.csv", options=TtaOptions(transforms=("identity", "crop")))``.
     """
@@ -256,4 +259,5 @@ def tta(
             quiet=quiet,
             input=input,
             label_format=label_format,
+            engine=engine,
         )
