@@ -139,11 +139,13 @@ def write_evaluation_report(
             f"The most confident errors first, at most {samples.report_max} (--report-max); "
             "misclassified.csv lists them all."
         )
-        page.gallery([_thumb(s, names, thumbs, "wrong") for s in errors], "no misclassified images")
+        page.gallery([_thumb(s, names, thumbs, "wrong") for s in errors], "no misclassified images", "misclassified")
         if explain and errors:
             _explain(page, errors[:explain], names, classifier, thumbs)
         page.section(f"Correctly classified (a sample of {len(samples.correct)})", "correct")
-        page.gallery([_thumb(s, names, thumbs, "right") for s in samples.correct], "no correctly classified images")
+        page.gallery(
+            [_thumb(s, names, thumbs, "right") for s in samples.correct], "no correctly classified images", "correct"
+        )
         page.section("Calibration", "calibration")
         cal = metrics["calibration"]
         page.para(
@@ -233,7 +235,7 @@ def _pairs(page: Page, cm: np.ndarray, names: list[str], errors: list[Sample], t
         n = int(off[t, p])
         page.heading(f"{names[t]} → {names[p]}: {n} image{'s' if n != 1 else ''} ({percent(n / total)} of the errors)")
         examples = [s for s in errors if s.true == t and s.pred == p][:PAIR_EXAMPLES]
-        page.gallery([_thumb(s, names, thumbs, "wrong") for s in examples], "no example among the errors shown")
+        page.gallery([_thumb(s, names, thumbs, "wrong") for s in examples], "no example among the errors shown", "pair")
 
 
 def _explain(page: Page, errors: list[Sample], names: list[str], classifier, thumbs: ThumbnailFolder) -> None:
@@ -270,7 +272,7 @@ def _explain(page: Page, errors: list[Sample], names: list[str], classifier, thu
         shown.append(
             Thumb(src, path_cell(s.item.rel), caption, f"predicted: {names[s.pred]} {percent(s.score)}", "wrong", True)
         )
-    page.gallery(shown, "none of these images could be read again")
+    page.gallery(shown, "none of these images could be read again", "explain")
 
 
 def _failures(page: Page, failures: Sequence[Failure]) -> None:

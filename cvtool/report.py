@@ -151,8 +151,11 @@ class Page:
         )
         self.parts.append(f'<div class="plots">{items}</div>')
 
-    def gallery(self, thumbs: Sequence[Thumb], empty: str = "none") -> None:
-        """Captioned thumbnails: the relative path, then the caption lines, the ``pred`` line coloured."""
+    def gallery(self, thumbs: Sequence[Thumb], empty: str = "none", name: str = "") -> None:
+        """Captioned thumbnails: the relative path, then the caption lines, the ``pred`` line coloured.
+
+        ``name`` becomes the gallery's ``data-gallery`` attribute (scripts and tests find it by it).
+        """
         if not thumbs:
             self.parts.append(f'<p class="empty">{esc(empty)}</p>')
             return
@@ -166,7 +169,7 @@ class Page:
                 f'<figure class="{cls}">{picture}<figcaption><span class="p">{esc(t.path)}</span>{lines}{pred}'
                 "</figcaption></figure>"
             )
-        self.parts.append(f'<div class="gallery">{"".join(out)}</div>')
+        self.parts.append(f'<div class="gallery" data-gallery="{esc(name)}">{"".join(out)}</div>')
 
     def render(self) -> str:
         refresh = f'<meta http-equiv="refresh" content="{int(self.refresh)}">' if self.refresh else ""

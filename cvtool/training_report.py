@@ -74,7 +74,9 @@ class TrainingReport:
             labels = np.asarray(data.train_set.labels)
             for c, name in enumerate(names):
                 picked = [data.train_set.items[i] for i in np.flatnonzero(labels == c)[:THUMBS_PER_CLASS]]
-                page.gallery([Thumb(thumbs.add(it.path), path_cell(it.rel), [f"class: {name}"]) for it in picked])
+                page.gallery(
+                    [Thumb(thumbs.add(it.path), path_cell(it.rel), [f"class: {name}"]) for it in picked], name="class"
+                )
         if data.failures:
             page.section(f"Unreadable files ({len(data.failures)})", "unreadable")
             page.table(["path", "reason"], [[path_cell(f.item.rel), f.reason] for f in data.failures[:ERRORS_LISTED]])
