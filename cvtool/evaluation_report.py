@@ -129,12 +129,14 @@ def write_evaluation_report(
         if len(keep) < len(cm):
             page.para(f"{len(keep)} of {len(cm)} classes shown: those that are true or predicted at least once.")
         page.plots([("confusion_matrix.png", "counts"), ("confusion_matrix_normalized.png", "row-normalised (recall)")])
-        page.section("Per-class precision, recall and F1", "per-class")
+        page.section("Per-class precision, recall and F1", "per-class", "Per class")
         page.plots([(f"{FILES_DIR}/{_per_class_plot(metrics, files)}", "per class (support in brackets)")])
         _per_class_table(page, metrics)
         errors = samples.errors
         _pairs(page, cm, names, errors, thumbs)
-        page.section(f"Misclassified images ({len(errors)} of {int(cm.sum() - np.trace(cm))})", "misclassified")
+        page.section(
+            f"Misclassified images ({len(errors)} of {int(cm.sum() - np.trace(cm))})", "misclassified", "Misclassified"
+        )
         page.para(
             f"The most confident errors first, at most {samples.report_max} (--report-max); "
             "misclassified.csv lists them all."
@@ -142,7 +144,7 @@ def write_evaluation_report(
         page.gallery([_thumb(s, names, thumbs, "wrong") for s in errors], "no misclassified images", "misclassified")
         if explain and errors:
             _explain(page, errors[:explain], names, classifier, thumbs)
-        page.section(f"Correctly classified (a sample of {len(samples.correct)})", "correct")
+        page.section(f"Correctly classified (a sample of {len(samples.correct)})", "correct", "Correct")
         page.gallery(
             [_thumb(s, names, thumbs, "right") for s in samples.correct], "no correctly classified images", "correct"
         )
@@ -185,11 +187,13 @@ def _comparison(page: Page, metrics: dict) -> None:
     page.section("Comparison", "comparison")
     table, gain = metrics["comparison"], metrics.get("tta_gain", {})
     ks = list(next(iter(table.values()))["top_k_accuracy"])
+    ks = [k for k in ks if k != "1"]  # top-1 is the accuracy
     header = ["model", "accuracy", *(f"top-{k}" for k in ks), *(["TTA gain"] if gain else [])]
     rows = []
     for name, r in table.items():
-        extra = [f"{gain[name]:+.4f}" if name in gain else ""] if gain else []
-        rows.append([name, fmt(r["accuracy"]), *(fmt(v) for v in r["top_k_accuracy"].values()), *extra])
+        base = name[: -len(" + tta")] if name.endswith(" + tta") else None
+        extra = [f"{gain[base]:+.4f}" if base in gain else ""] if gain else []
+        rows.append([name, fmt(r["accuracy"]), *(fmt(r["top_k_accuracy"][k]) for k in ks), *extra])
     if metrics.get("rule"):
         page.para(f"Models combined by the rule {metrics['rule']}.")
     page.table(header, rows, numeric=range(1, len(header)))
@@ -245,7 +249,11 @@ def _explain(page: Page, errors: list[Sample], names: list[str], classifier, thu
     from cvtool.images import load_with_original
 
     n = len(errors)
-    page.section(f"Where the model looked: Grad-CAM of the {n} most confident error{'s' if n != 1 else ''}", "explain")
+    page.section(
+        f"Where the model looked: Grad-CAM of the {n} most confident error{'s' if n != 1 else ''}",
+        "explain",
+        "Grad-CAM",
+    )
     try:
         if classifier is None:
             raise ValueError("no model to explain")
@@ -276,7 +284,7 @@ def _explain(page: Page, errors: list[Sample], names: list[str], classifier, thu
 
 
 def _failures(page: Page, failures: Sequence[Failure]) -> None:
-    page.section(f"Unreadable or refused ({len(failures)})", "failed")
+    page.section(f"Unreadable or refused ({len(failures)})", "failed", "Unreadable")
     rows = [[path_cell(f.item.rel) or "-", f.reason] for f in failures[:ERRORS_LISTED]]
     page.table(["path", "reason"], rows)
     if len(failures) > ERRORS_LISTED:

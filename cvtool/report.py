@@ -56,7 +56,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 .plot img{max-width:100%;height:auto;display:block}
 .plot figcaption{font-size:12px;color:#5b6473;margin-top:4px}
 .gallery{display:flex;flex-wrap:wrap;gap:8px}
-.thumb{width:150px;margin:0;background:#fff;border:1px solid #d5d9e0;border-radius:6px;padding:5px;
+.thumb{width:164px;margin:0;background:#fff;border:1px solid #d5d9e0;border-radius:6px;padding:5px;
 font-size:11.5px;box-sizing:border-box}
 .thumb.wide{width:214px}
 .thumb img{display:block;margin:0 auto 4px;width:128px;height:128px;object-fit:contain;background:#eef0f4}
@@ -112,8 +112,9 @@ class Page:
     parts: list[str] = field(default_factory=list)
     toc: list[tuple[str, str]] = field(default_factory=list)
 
-    def section(self, title: str, anchor: str) -> None:
-        self.toc.append((anchor, title))
+    def section(self, title: str, anchor: str, nav: str = "") -> None:
+        """A heading with an ``anchor``, listed in the page's navigation bar as ``nav`` (default: the title)."""
+        self.toc.append((anchor, nav or title))
         self.parts.append(f'<h2 id="{esc(anchor)}">{esc(title)}</h2>')
 
     def heading(self, text: str) -> None:

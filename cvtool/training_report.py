@@ -78,7 +78,7 @@ class TrainingReport:
                     [Thumb(thumbs.add(it.path), path_cell(it.rel), [f"class: {name}"]) for it in picked], name="class"
                 )
         if data.failures:
-            page.section(f"Unreadable files ({len(data.failures)})", "unreadable")
+            page.section(f"Unreadable files ({len(data.failures)})", "unreadable", "Unreadable")
             page.table(["path", "reason"], [[path_cell(f.item.rel), f.reason] for f in data.failures[:ERRORS_LISTED]])
             if len(data.failures) > ERRORS_LISTED:
                 page.para(f"The first {ERRORS_LISTED} of {len(data.failures)}; errors.csv has them all.")
@@ -92,6 +92,10 @@ class TrainingReport:
         t = self.trainer
         run_dir, total, done = t.run_dir, t.logger.epochs, max(t.epoch, t.stopper.last_epoch)
         state = f"finished after {done} epochs" if final else f"running: {done} of {total} epochs done"
+        best = t.metrics()
+        if best.get("best_epoch"):
+            shown = ", ".join(f"{k} {fmt(v)}" for k, v in best.items() if k in _SHOWN)
+            state += f" · best epoch {best['best_epoch']}: {shown}"
         page = Page(f"{t.kind}: {t.run.target}", f"{t.cfg.arch} · {state}", refresh=0 if final else REFRESH_SECONDS)
         page.parts, page.toc = list(self.inspection), list(self.toc)
         page.section("Training curves", "curves")

@@ -76,9 +76,7 @@ def open_page(driver, page: Path, shot: Path) -> dict:
             "return [...document.querySelectorAll('figure.thumb')]"
             ".map(f => [f.closest('.gallery').dataset.gallery, f.className, f.innerText])"
         ),
-        "sections": driver.execute_script(
-            "return [...document.querySelectorAll('h2')].map(h => h.id)"
-        ),
+        "sections": driver.execute_script("return [...document.querySelectorAll('h2')].map(h => h.id)"),
         "scripts": driver.execute_script("return document.querySelectorAll('script, link, iframe, object').length"),
         "injected": driver.execute_script("return document.querySelectorAll('main b, main i').length"),
         "text": driver.execute_script("return document.body.innerText"),
