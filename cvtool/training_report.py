@@ -3,11 +3,14 @@
 :class:`TrainingReport` writes the data inspection once, when the trainer starts (images per
 class per split, a few thumbnails per class, unreadable files, a class-imbalance warning), and
 rewrites the page at the end of every epoch (:class:`cvtool.callbacks.ReportWriter`) and when the
-run finishes. While the run goes on the page reloads itself every minute, so a user can keep it open.
+run finishes. While the run goes on the page reloads itself every minute, so a user can keep it open;
+its curves picture is redrawn at most every :data:`PLOT_INTERVAL` seconds (the epoch table every epoch).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ IMBALANCE_RATIO = 3.0  # largest / smallest training class above this: a warning
 ERRORS_LISTED = 200
 HISTORY_ROWS = 100  # the last epochs listed in the table (history.csv has them all)
 REFRESH_SECONDS = 60
+PLOT_INTERVAL = 5.0  # seconds: history.png is redrawn at most this often while training (epochs of tiny runs)
 
 
 class TrainingReport:
@@ -36,6 +40,7 @@ class TrainingReport:
         self.trainer = trainer
         self.inspection: list = []  # the data section's parts, made once
         self.toc: list = []
+        self._plotted = (-math.inf, 0)  # when history.png was last drawn, and after which epoch
 
     def start(self) -> None:
         """Write the data inspection (thumbnails, class counts chart) and a first page."""
@@ -100,8 +105,17 @@ class TrainingReport:
         page.parts, page.toc = list(self.inspection), list(self.toc)
         page.section("Training curves", "curves")
         rows = _history_rows(run_dir)
-        if rows and plot_history(run_dir, best_epoch=t.saver.best_epoch):
-            page.plots([(f"history.png?epoch={done}", "loss and accuracy per epoch; best epoch and phases marked")])
+        now = time.monotonic()
+        if final:  # write_run_meta has just drawn it
+            self._plotted = (now, done)
+        elif rows and now - self._plotted[0] >= PLOT_INTERVAL:
+            plot_history(run_dir, best_epoch=t.saver.best_epoch)
+            self._plotted = (now, done)
+        if rows and (run_dir / "history.png").exists():
+            # the query makes a browser that reloads the page fetch the new picture, not its cached one
+            page.plots(
+                [(f"history.png?epoch={self._plotted[1]}", "loss and accuracy per epoch; best epoch and phases marked")]
+            )
             keys = [k for k in rows[0] if k != "epoch"]
             page.table(
                 ["epoch", *keys],

@@ -117,7 +117,8 @@ def watched_run(report_data, tmp_path_factory):
     seen, done = [], threading.Event()
 
     def watch():
-        while not done.is_set():
+        while True:
+            finished = done.is_set()  # one more look after training returned: the final page
             try:
                 text = (run / "report.html").read_text(encoding="utf-8")
             except OSError:
@@ -125,6 +126,8 @@ def watched_run(report_data, tmp_path_factory):
             state = re.search(r"(running: \d+ of \d+ epochs done|finished after \d+ epochs)", text)
             if state and (not seen or seen[-1] != state[1]):
                 seen.append(state[1])
+            if finished:
+                return
             time.sleep(0.01)
 
     watcher = threading.Thread(target=watch)
