@@ -18,7 +18,7 @@ from cvtool.bundle import Classifier
 from cvtool.data import LAYOUTS, LabelledSet, read_class_folders, split_dirs
 from cvtool.ensemble import ensemble_scorer
 from cvtool.errors import UnusableError, UsageError
-from cvtool.evaluation_report import MAX_REPORT_MAX, ReportSamples, write_evaluation_report
+from cvtool.evaluation_report import MAX_REPORT_MAX, ReportSamples, remove_report, write_evaluation_report
 from cvtool.fonts import text_fonts
 from cvtool.images import InputItem
 from cvtool.inference import prediction_cells, prediction_header, score_batches, top_k_indices
@@ -461,6 +461,8 @@ def evaluate(
             classifier=scorer.members[0].classifier,
             explain=explain,
         )
+    else:  # an earlier run's page would contradict this run's metrics.json
+        remove_report(out_dir)
     return EvalResult(metrics, len(y_true), len(failures), out_dir)
 
 

@@ -168,6 +168,14 @@ def write_evaluation_report(
     return page.write(out_dir / PAGE_FILE)
 
 
+def remove_report(out_dir: Path) -> None:
+    """Remove an earlier ``report.html`` and its ``report_files/`` (``--no-report --overwrite``)."""
+    import shutil
+
+    (Path(out_dir) / PAGE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(Path(out_dir) / FILES_DIR, ignore_errors=True)
+
+
 def _headline(page: Page, metrics: dict) -> None:
     page.section("Headline", "headline")
     items = [("accuracy", fmt(metrics["accuracy"]))]

@@ -218,6 +218,9 @@ def test_evaluate_report_max_caps_the_gallery_and_no_report_turns_it_off(watched
     result = CliRunner().invoke(app, ["evaluate", str(run), str(report_data), "--out", str(bare), "--no-report", "-q"])
     assert result.exit_code == 1, result.output
     assert not (bare / "report.html").exists() and not (bare / "report_files").exists()
+    args = ["evaluate", str(run), str(report_data), "--out", str(out), "--no-report", "--overwrite", "-q"]
+    assert CliRunner().invoke(app, args).exit_code == 1
+    assert not (out / "report.html").exists() and not (out / "report_files").exists()  # no stale page left
     assert "ece" in json.loads((bare / "metrics.json").read_text(encoding="utf-8"))
     refused = CliRunner().invoke(
         app, ["evaluate", str(run), str(report_data), "--out", str(bare), "--report-max", "5000"]
