@@ -541,6 +541,15 @@ def evaluate(
     rule: Rule = "mean",
     rule_weights: RuleWeights = "",
     use_tta: Annotated[bool, typer.Option("--tta", help="Also score TTA views and report the gain.")] = False,
+    report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Write OUT/report.html (plots, captioned thumbnails).")
+    ] = True,
+    report_max: Annotated[
+        int, typer.Option(help="Misclassified images shown in report.html, most confident first (0-1000).")
+    ] = 100,
+    explain: Annotated[
+        int, typer.Option(min=0, help="Grad-CAM overlays in report.html for the N most confident errors.")
+    ] = 0,
     **options,
 ) -> int:
     """Accuracy, rank-N accuracy, per-class precision/recall/F1 and a confusion matrix.
@@ -573,6 +582,9 @@ def evaluate(
         rule=rule if len(models) > 1 or rule != "mean" else None,
         rule_weights=parse_weights(rule_weights),
         engine=_engine_options(options),
+        report=report,
+        report_max=report_max,
+        explain=explain,
         **options,
     )
     from cvtool.evaluate import format_summary

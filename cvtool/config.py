@@ -96,6 +96,11 @@ class TrainConfig:
         "How DATA's folders are read: auto, classes (every sub-folder is a class) or splits "
         "(train/, validation/ or val/, test/ holding class folders; other folders ignored).",
     )
+    report: bool = option(
+        True,
+        "Write RUN/report.html: the data, then the curves (rewritten every epoch), config and metrics.",
+        flags=("--report/--no-report",),
+    )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -59,6 +59,7 @@ from cvtool.data import LAYOUTS
 from cvtool.errors import UnusableError, UsageError
 from cvtool.outputs import path_cell, write_csv
 from cvtool.progress import info, warn
+from cvtool.report import FILES_DIR, PAGE_FILE
 from cvtool.runtime import keras
 
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
@@ -95,7 +96,18 @@ def make_loss(label_smoothing: float = 0.0):
 
 
 # What a run directory holds (cvtool's own files): replaced together by --overwrite; anything else is kept.
-RUN_ENTRIES = (MODEL_FILE, META_FILE, HISTORY_FILE, "history.png", ERRORS_FILE, CHECKPOINT_DIR, LOG_DIR, HUB_DIR)
+RUN_ENTRIES = (
+    MODEL_FILE,
+    META_FILE,
+    HISTORY_FILE,
+    "history.png",
+    ERRORS_FILE,
+    CHECKPOINT_DIR,
+    LOG_DIR,
+    HUB_DIR,
+    PAGE_FILE,
+    FILES_DIR,
+)
 
 
 class RunFolder:
@@ -357,6 +369,12 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.phase: str | None = None
         self.board = None  # the current fit's TensorBoard writer
+        self.report = None
+        if getattr(cfg, "report", True):
+            from cvtool.training_report import TrainingReport
+
+            self.report = TrainingReport(self)
+            self.report.start()
 
     @property
     def run_dir(self) -> Path:
@@ -452,7 +470,8 @@ class Trainer:
             self.board,
             self.logger,
             self.resume_point,
-            PublishRun(self),  # last: after every file of the first epoch is saved
+            PublishRun(self),  # after every file of the first epoch is saved
+            ReportWriter(self),  # last: the page shows this epoch's history, in the published folder
         ]
         pinned = (self.saver, self.checkpointer, self.resume_point) if saved is not None else ()
         with acting_on(saved, pinned):
@@ -504,6 +523,18 @@ class PublishRun(keras.callbacks.Callback):
         self.trainer.publish()
 
 
+class ReportWriter(keras.callbacks.Callback):
+    """Rewrites RUN/report.html at the end of every epoch (:class:`cvtool.training_report.TrainingReport`)."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.trainer = trainer
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.trainer.report is not None:
+            self.trainer.report.write()
+
+
 def _relocate(callback, old: Path, new: Path) -> None:
     """Point the callback's paths inside ``old`` (model file, checkpoints, history, logs) at ``new``.
 
@@ -548,7 +579,9 @@ def write_run_meta(
         "metrics": trainer.metrics(),
     }
     write_meta(trainer.run_dir, meta)
-    plot_history(trainer.run_dir)
+    plot_history(trainer.run_dir, best_epoch=trainer.saver.best_epoch)
+    if trainer.report is not None:
+        trainer.report.write(final=True)
     return meta
 
 
@@ -572,8 +605,8 @@ class precision_scope:
         keras.mixed_precision.set_global_policy(self.previous)
 
 
-def plot_history(run_dir: Path) -> Path | None:
-    """history.png: loss and accuracy curves, train and validation (fine-tuning phases marked)."""
+def plot_history(run_dir: Path, best_epoch: int = 0) -> Path | None:
+    """history.png: loss and accuracy curves, train and validation (fine-tuning phases and ``best_epoch`` marked)."""
     import csv
 
     path = Path(run_dir) / HISTORY_FILE
@@ -587,6 +620,7 @@ def plot_history(run_dir: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from cvtool.outputs import save_figure
 
@@ -600,7 +634,12 @@ def plot_history(run_dir: Path) -> Path | None:
                 ax.plot(epochs, values, style, label=key)
         for start in phase_starts:
             ax.axvline(start - 0.5, color="grey", linestyle=":", label="fine-tuning starts")
+        if best_epoch:
+            ax.axvline(
+                best_epoch, color="#2e7d32", linestyle="-", alpha=0.4, linewidth=3, label=f"best epoch ({best_epoch})"
+            )
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(metric)
         ax.legend()
         ax.grid(alpha=0.3)
