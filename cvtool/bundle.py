@@ -6,10 +6,16 @@ versions). An ensemble run directory (``train --members K``) holds
 ``member-1..K/`` run directories and a ``cvtool.json`` whose ``ensemble`` entry
 lists them. Every command that takes a MODEL calls :func:`load_models` (one
 model or the members) or :func:`load_classifier` (exactly one model).
+
+``cvtool export`` writes standalone artefacts into ``RUN/export/`` (``model.tflite``,
+``model.onnx``, ``saved_model/``) with ``labels.txt`` and ``export.json`` beside them; the
+same loading path takes them as MODEL and runs them in their runtime (:mod:`cvtool.runtimes`),
+and picks a run's export for ``--runtime`` (:func:`choose_export`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -29,6 +35,13 @@ MODEL_FILE = "model.keras"
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
 ENSEMBLE_KEY = "ensemble"
+EXPORT_DIR = "export"  # RUN/export/: what `cvtool export` writes by default
+EXPORT_META = "export.json"
+LABELS_FILE = "labels.txt"
+# Each runtime's artefact in an export folder, and the order `--runtime auto` tries them in (fastest on CPU first,
+# see bench/README.md); int8 artefacts are never picked by auto, as their scores differ from the model's.
+EXPORT_FILES = {"tflite": "model.tflite", "onnx": "model.onnx", "tf": "saved_model"}
+AUTO_ORDER = ("tflite", "onnx")
 
 
 @dataclass
@@ -41,7 +54,11 @@ class Classifier:
     meta: dict = field(default_factory=dict)
     source: str = ""
     features: Any = None  # a frozen feature extractor (hub backbone) run before ``model``, or None
+    runtime: str = "tf"  # what computes the scores (cvtool.runtimes); "tf" with a Keras ``model``
+    runner: Any = None  # an exported artefact's runner (uint8 images -> probabilities); ``model`` is then None
     _forward: Any = field(default=None, repr=False)
+    # (spec, unsafe, weights) that load_classifier was given: how another process (a Ray actor) loads it again
+    load_args: tuple | None = None
 
     @property
     def num_classes(self) -> int:
@@ -49,6 +66,8 @@ class Classifier:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class probabilities (float32, [N, C]) for a batch of uint8 RGB images at ``image_size``."""
+        if self.runner is not None:
+            return self.runner(images)
         from cvtool.runtime import tf
 
         if self._forward is None:
@@ -60,6 +79,24 @@ class Classifier:
                 forward, input_signature=[tf.TensorSpec([None, *self.image_size, 3], tf.float32)]
             )
         return np.asarray(self._forward(tf.convert_to_tensor(images, tf.float32)), dtype=np.float32)
+
+    def without_model(self) -> Classifier:
+        """A light copy to send to other processes: class names, input size, meta and how to load the model
+        (:meth:`reload`), but no model. Example: ``pickle.dumps(classifier.without_model())``."""
+        return dataclasses.replace(self, model=None, features=None, _forward=None)
+
+    def reload(self) -> Classifier:
+        """The model loaded again, the way :func:`load_classifier` loaded it (in a Ray actor, once per actor).
+
+        A classifier built in Python rather than loaded from a path has no way to be loaded again: usage error.
+        Example: ``classifier.without_model().reload().predict(images)``.
+        """
+        if self.load_args is None:
+            raise UsageError(
+                "this model was not loaded from a path, so other processes cannot load it: give MODEL as a path"
+            )
+        spec, unsafe, weights, runtime = self.load_args
+        return load_classifier(spec, unsafe, weights, runtime=runtime)
 
 
 def versions() -> dict:
@@ -183,7 +220,8 @@ def resolve_model_path(spec: str | os.PathLike) -> tuple[Path, Path | None]:
         if (path / "saved_model.pb").exists():
             raise UnusableError(
                 f"{path} is a TensorFlow SavedModel, which has no Keras model or class names to load; "
-                f"give a run directory or a .keras file"
+                f"give a run directory, a .keras file or an export from `cvtool export` ({LABELS_FILE} and "
+                f"{EXPORT_META} beside it)"
             )
         raise UnusableError(f"{path} is not a run directory: it has no {META_FILE} or {MODEL_FILE}")
     owners = [path.parent, path.parent.parent] if path.parent.name == CHECKPOINT_DIR else [path.parent]
@@ -316,17 +354,21 @@ def write_ensemble_manifest(
     )
 
 
-def load_models(spec: str | os.PathLike, unsafe: bool = False, weights: str | os.PathLike | None = None) -> ModelSet:
-    """Load what a MODEL argument names: a run directory, a ``.keras`` file, ``imagenet:NAME``, or an ensemble run.
+def load_models(
+    spec: str | os.PathLike, unsafe: bool = False, weights: str | os.PathLike | None = None, *, runtime: str = "auto"
+) -> ModelSet:
+    """Load what a MODEL argument names: a run directory, a ``.keras`` file, ``imagenet:NAME``, an exported
+    artefact, or an ensemble run.
 
-    ``weights`` is a local weights file for an ``imagenet:NAME`` model. A URL (``s3://...``) is
-    fetched once into the local cache (:func:`cvtool.storage.fetch`) and loaded from there.
+    ``weights`` is a local weights file for an ``imagenet:NAME`` model; ``runtime`` what runs each model
+    (see :func:`load_classifier`). A URL (``s3://...``) is fetched once into the local cache
+    (:func:`cvtool.storage.fetch`) and loaded from there.
     """
     shown = _shown(spec)
     spec = fetch_model(spec)
     entry = ensemble_manifest(spec)
     if entry is None:
-        classifier = load_classifier(spec, unsafe, weights)
+        classifier = load_classifier(spec, unsafe, weights, runtime=runtime)
         classifier.source = shown or classifier.source  # messages and reports name the URL, not the cache
         return ModelSet([classifier], source=shown or str(spec))
     members = []
@@ -336,15 +378,19 @@ def load_models(spec: str | os.PathLike, unsafe: bool = False, weights: str | os
             raise UnusableError(f"ensemble {spec}: member folder {member_dir} is missing")
         if ensemble_manifest(member_dir) is not None:
             raise UnusableError(f"ensemble {spec}: member {name} is itself an ensemble; nesting is not supported")
-        members.append(load_classifier(member_dir, unsafe))
+        members.append(load_classifier(member_dir, unsafe, runtime=runtime))
     weights = entry.get("weights")
     return ModelSet(members, rule=entry.get("rule") or "mean", weights=weights, source=str(spec))
 
 
 def load_classifier(
-    spec: str | os.PathLike, unsafe: bool = False, weights: str | os.PathLike | None = None
+    spec: str | os.PathLike,
+    unsafe: bool = False,
+    weights: str | os.PathLike | None = None,
+    *,
+    runtime: str = "auto",
 ) -> Classifier:
-    """Load a classifier from a run directory, a ``.keras`` file or ``imagenet:NAME``.
+    """Load a classifier from a run directory, a ``.keras`` file, ``imagenet:NAME`` or an exported artefact.
 
     Class names and input size come from ``cvtool.json``; a bare ``.keras``
     file without one gets class names ``"0".."C-1"`` and its input layer's size.
@@ -352,18 +398,46 @@ def load_classifier(
     :mod:`cvtool.imagenet`); ``weights`` is a local weights file for it.
     A run fine-tuned on a hub backbone holds the hub SavedModel (``hub_model/``)
     and a Keras head on its features; the classifier composes the two.
+    ``runtime`` (``auto``, ``tf``, ``tflite``, ``onnx``) picks what runs it: an export of the run
+    (:func:`choose_export`), or the artefact given itself (``model.tflite``, ``model.onnx``, a SavedModel
+    folder or an export folder, with ``labels.txt`` and ``export.json`` beside it).
     """
-    from cvtool import imagenet
+    classifier = _load_classifier(spec, unsafe, weights, runtime)
+    classifier.load_args = (_absolute(spec), unsafe, None if weights is None else _absolute(weights), runtime)
+    return classifier
 
+
+def _absolute(spec: str | os.PathLike) -> str:
+    """A local path made absolute (other processes may run in another folder); names and URLs as they are."""
+    return os.path.abspath(spec) if os.path.exists(spec) else str(spec)
+
+
+def _load_classifier(
+    spec: str | os.PathLike, unsafe: bool, weights: str | os.PathLike | None, runtime: str
+) -> Classifier:
+    from cvtool import imagenet
+    from cvtool.runtimes import check_runtime
+
+    check_runtime(runtime)
     if imagenet.is_imagenet_spec(spec):
+        if runtime not in ("auto", "tf"):
+            raise UsageError(
+                f"{spec} runs on TensorFlow; for --runtime {runtime}, export it first "
+                f"(cvtool export {spec} --format {runtime} --out FILE) and give the file as MODEL"
+            )
         return imagenet.load_imagenet(str(spec), weights)
-    if weights is not None:
-        raise UsageError(f"--weights is for {imagenet.PREFIX}NAME models; {spec} carries its own weights")
     shown = _shown(spec)
     spec = fetch_model(spec)
+    artefact = choose_export(spec, runtime)
+    if artefact is not None:
+        if weights is not None:
+            raise UsageError(f"--weights is for {imagenet.PREFIX}NAME models; {shown or spec} carries its own weights")
+        return load_exported(artefact, source=shown or str(spec))
+    if weights is not None:
+        raise UsageError(f"--weights is for {imagenet.PREFIX}NAME models; {shown or spec} carries its own weights")
     if ensemble_manifest(spec) is not None:
         raise UnusableError(
-            f"{spec} is an ensemble run directory; this command takes a single model (a member-N folder)"
+            f"{shown or spec} is an ensemble run directory; this command takes a single model (a member-N folder)"
         )
     model_path, run_dir = resolve_model_path(spec)
     meta = read_meta(run_dir) if run_dir is not None else {}
@@ -400,3 +474,165 @@ def load_classifier(
         image_size = (int(in_shape[1]), int(in_shape[2]))
     source = shown or str(spec)
     return Classifier(model=model, class_names=class_names, image_size=image_size, meta=meta, source=source)
+
+
+def is_export(path: Path) -> bool:
+    """Is ``path`` something `cvtool export` wrote (an artefact, or the folder holding ``export.json``)?"""
+    from cvtool.runtimes import runtime_of
+
+    if path.is_file():
+        return runtime_of(path) != "tf"
+    if (path / EXPORT_META).is_file() and not (path / META_FILE).exists():
+        return True  # an export folder
+    return (path / "saved_model.pb").is_file() and (path.parent / EXPORT_META).is_file()
+
+
+def read_export_meta(folder: str | os.PathLike) -> dict:
+    """``folder/export.json`` (what `cvtool export` wrote there), checked; a missing or bad file is exit 3."""
+    path = Path(folder) / EXPORT_META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UnusableError(
+            f"{path} is missing or unreadable ({exc.__class__.__name__}): an exported model needs the "
+            f"{EXPORT_META} and {LABELS_FILE} that `cvtool export` writes beside it"
+        ) from None
+    size = meta.get("image_size") if isinstance(meta, dict) else None
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise UnusableError(f"{path}: image_size must be [height, width]")
+    if not isinstance(meta.get("artefacts"), dict):
+        raise UnusableError(f"{path} lists no artefacts")
+    return meta
+
+
+def read_labels(folder: str | os.PathLike) -> list[str]:
+    """The class names of an export, one a line in output order (``labels.txt``)."""
+    path = Path(folder) / LABELS_FILE
+    try:
+        names = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UnusableError(
+            f"{path} is missing or unreadable ({exc.__class__.__name__}): re-run cvtool export"
+        ) from None
+    if not names:
+        raise UnusableError(f"{path} lists no classes")
+    return names
+
+
+def _fresh(folder: Path, name: str, run_dir: Path | None) -> bool:
+    """Was ``folder/name`` exported from the run's model as it is now? (True for an export without its run.)"""
+    from cvtool.jobs import model_fingerprint
+
+    try:
+        entry = read_export_meta(folder)["artefacts"].get(name) or {}
+    except UnusableError:
+        return False
+    recorded = entry.get("source_fingerprint")
+    return run_dir is None or recorded is None or recorded == model_fingerprint(run_dir)
+
+
+def choose_export(spec: str | os.PathLike, runtime: str = "auto") -> Path | None:
+    """The exported artefact that runs MODEL ``spec`` on ``runtime``, or None for the Keras model.
+
+    - An artefact given as MODEL is itself (its runtime must be ``runtime`` or ``auto``).
+    - An export folder, or a run directory with ``export/``: ``tflite``/``onnx``/``tf`` take that runtime's
+      artefact (a missing one is a usage error that says how to export it); ``auto`` takes the first fresh
+      float artefact in :data:`AUTO_ORDER` whose runtime is installed, else (a run) the Keras model.
+    - A run without exports: the Keras model for ``auto`` and ``tf``.
+
+    An export whose recorded model fingerprint differs from the run's ``model.keras`` (retrained since) is stale:
+    ``auto`` passes over it, an explicit runtime refuses it (exit 3).
+
+    Args:
+        spec: the MODEL argument.
+        runtime: ``auto``, ``tf``, ``tflite`` or ``onnx``.
+
+    Example: ``choose_export("runs/clothes", "tflite")`` is ``runs/clothes/export/model.tflite``.
+    """
+    from cvtool.runtimes import available, runtime_of
+
+    path = Path(spec)
+    if not path.exists():
+        return None  # resolve_model_path says so
+    if path.is_file() or (path / "saved_model.pb").is_file():
+        if not is_export(path):
+            if runtime not in ("auto", "tf"):
+                raise UsageError(
+                    f"{path} is a Keras model, which runs on TensorFlow; for --runtime {runtime} give its run "
+                    f"directory after `cvtool export RUN --format {runtime}`, or the exported file"
+                )
+            return None
+        own = runtime_of(path)
+        if runtime not in ("auto", own):
+            raise UsageError(f"{path} is a {own} model: it runs with --runtime {own} (or auto), not {runtime}")
+        return path
+    run_dir = path if (path / META_FILE).is_file() else None
+    folder = path / EXPORT_DIR if run_dir is not None else path
+    if run_dir is None and not is_export(path):
+        return None  # not a run directory: resolve_model_path says what it is
+    if runtime == "auto":
+        if not (folder / EXPORT_META).is_file():
+            return None
+        listed = read_export_meta(folder)["artefacts"]
+        order = AUTO_ORDER if run_dir is not None else (*AUTO_ORDER, "tf")
+        for name in order:
+            entry = listed.get(EXPORT_FILES[name]) or {}
+            candidate = folder / EXPORT_FILES[name]
+            usable = candidate.exists() and not entry.get("int8") and available(name)
+            if usable and _fresh(folder, candidate.name, run_dir):
+                return candidate
+        if run_dir is None:
+            raise UnusableError(f"{folder} holds no float artefact listed in its {EXPORT_META}")
+        return None
+    if runtime == "tf" and run_dir is not None:
+        return None  # the Keras model itself
+    candidate = folder / EXPORT_FILES[runtime]
+    if not candidate.exists():
+        where = run_dir if run_dir is not None else folder
+        raise UsageError(
+            f"{where} has no {runtime} export ({candidate} not found): run `cvtool export {where} --format "
+            f"{'saved_model' if runtime == 'tf' else runtime}` first, or use --runtime auto"
+        )
+    if not _fresh(folder, candidate.name, run_dir):
+        raise UnusableError(
+            f"{candidate} was exported from an earlier model of {run_dir}: re-run `cvtool export {run_dir} "
+            f"--format {runtime} --overwrite`"
+        )
+    return candidate
+
+
+def load_exported(path: str | os.PathLike, source: str = "") -> Classifier:
+    """A classifier over an exported artefact, run in its runtime (no TensorFlow for tflite and onnx).
+
+    Class names come from ``labels.txt`` and the input size from ``export.json`` beside the artefact.
+
+    Args:
+        path: ``model.tflite``, ``model.onnx`` or a ``saved_model/`` folder written by `cvtool export`.
+        source: the MODEL argument, for messages and job fingerprints.
+
+    Example: ``load_exported("runs/clothes/export/model.tflite").predict(images)``.
+    """
+    from cvtool.runtimes import RUNTIMES, runtime_of
+
+    path = Path(path)
+    folder = path.parent
+    meta = read_export_meta(folder)
+    entry = meta["artefacts"].get(path.name)
+    if entry is None:
+        raise UnusableError(f"{path} is not listed in {folder / EXPORT_META}: re-run cvtool export")
+    class_names = read_labels(folder)
+    runtime = runtime_of(path)
+    run = RUNTIMES.get(runtime)(path)
+    outputs = getattr(run, "output_shape", (-1, len(class_names)))
+    if outputs[-1] not in (-1, len(class_names)):
+        raise UnusableError(f"{folder / LABELS_FILE} lists {len(class_names)} classes but {path} outputs {outputs[-1]}")
+    size = (int(meta["image_size"][0]), int(meta["image_size"][1]))
+    info = {
+        "class_names": class_names,
+        "image_size": list(size),
+        "artefact": str(path),
+        "runtime": runtime,
+        "export": entry,
+        **({"wnids": meta["wnids"]} if isinstance(meta.get("wnids"), list) else {}),
+    }
+    return Classifier(None, class_names, size, info, source or str(path), runtime=runtime, runner=run)

@@ -14,6 +14,8 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,24 @@ def format_logs(logs: dict) -> str:
 
 def _scalars(logs: dict | None) -> dict:
     return {k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0}
+
+
+@contextmanager
+def acting_on(model, callbacks: Sequence):
+    """While training another model, ``callbacks`` act on ``model`` (Keras would hand them the trained one).
+
+    Finetune's head on cached features trains a small model that shares its weights
+    with the classifier; the callbacks that save (model.keras, checkpoints, resume
+    point) must save the classifier. Usage: ``with acting_on(full, [saver]): head.fit(...)``.
+    """
+    for cb in callbacks:
+        cb.set_model(model)
+        cb.set_model = lambda _model: None  # Keras' fit and CallbackList call it with the trained model
+    try:
+        yield
+    finally:
+        for cb in callbacks:
+            del cb.set_model
 
 
 class RecalibrateBatchNorm(keras.callbacks.Callback):

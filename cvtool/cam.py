@@ -12,6 +12,10 @@ its maximum is 1::
     result = cams.compute(images_uint8)            # top-1 class of each image
     result.maps[0, 0]                              # [h, w] float32 in [0, 1]
 
+``guided-gradcam`` (the paper's Guided Grad-CAM) multiplies the Grad-CAM map,
+upsampled to the model's input size, by the guided-backpropagation saliency of
+the image (:mod:`cvtool.guided_backprop`): its maps have the input's resolution.
+
 The class score differentiated is the logit (the input of the final softmax)
 when the model ends in a softmax, as in the Grad-CAM paper: a saturated
 probability of 1.0 has no gradient left in float32.
@@ -55,13 +59,27 @@ def gradcam_plus_plus_weights(acts, grads):
     return tf.reduce_sum(alpha * tf.nn.relu(grads), axis=(1, 2))
 
 
-@METHODS.register("guided", help="positive gradients on positive activations")
-def guided_gradcam_weights(acts, grads):
-    """The cookbook's guided variant: only positive gradients on positive activations count."""
+@METHODS.register("positive-gradients", aliases=("guided",), help="positive gradients on positive activations")
+def positive_gradients_weights(acts, grads):
+    """The cookbook's "guided" weighting: only positive gradients on positive activations count.
+
+    (Not the paper's Guided Grad-CAM, which is ``guided-gradcam``; ``guided`` stays as an alias.)
+    """
     from cvtool.runtime import tf
 
     keep = tf.cast(acts > 0, grads.dtype) * tf.cast(grads > 0, grads.dtype)
     return tf.reduce_mean(keep * grads, axis=(1, 2))
+
+
+@METHODS.register(
+    "guided-gradcam",
+    help="Grad-CAM upsampled x guided backpropagation, at the model's input resolution (Selvaraju et al.)",
+    guided_backprop=True,
+)
+def guided_gradcam_weights(acts, grads):
+    """Guided Grad-CAM: Grad-CAM's weights; :class:`CamModel` multiplies the upsampled map by the
+    guided-backpropagation saliency of the image (:mod:`cvtool.guided_backprop`)."""
+    return gradcam_weights(acts, grads)
 
 
 def get_method(name: str) -> Callable:
@@ -301,8 +319,10 @@ class CamModel:
                 "of a TF-Hub backbone (finetune --backbone hub:...), which has no image layers to explain"
             )
         self.classifier = classifier
-        self.method_name = method
-        self.method = get_method(method)
+        entry = METHODS.entry(method)
+        self.method_name = entry.name  # an alias (guided) gives its method's name
+        self.method = entry.func
+        self.guided = bool(entry.info.get("guided_backprop"))
         model = classifier.model
         self.path = find_target_layer(model, layer)
         self.head = _softmax_head(model)
@@ -310,6 +330,14 @@ class CamModel:
             self.tap = build_tap(model, self.path, before_head=self.head is not None)
         except Exception as exc:  # noqa: BLE001 - Keras graph errors: one line for the user
             raise UnusableError(f"cannot build a gradient model for layer {self.layer_name}: {exc}") from None
+        self.guided_tap = None
+        if self.guided:
+            from cvtool.guided_backprop import guided_clone
+
+            try:
+                self.guided_tap = build_tap(guided_clone(model), self.path, before_head=self.head is not None)
+            except Exception as exc:  # noqa: BLE001 - Keras cloning errors: one line for the user
+                raise UnusableError(f"cannot build a guided-backpropagation copy of the model: {exc}") from None
         self._fns: dict = {}
         self._check_tap()
 
@@ -353,6 +381,12 @@ class CamModel:
                 f"cannot route gradients to layer {self.layer_name}: the model around it is not a simple chain "
                 "of layers; pass --layer naming another layer"
             )
+        if self.guided_tap is not None:
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                _, got = self._scores(self.guided_tap(x, training=False)[1])
+            if tape.gradient(got, x) is None or not np.allclose(np.asarray(got), expected, rtol=1e-3, atol=1e-4):
+                raise UnusableError("the guided-backpropagation copy of the model does not compute what it computes")
 
     def _function(self, k: int, by_rank: bool):
         from cvtool.runtime import tf
@@ -372,12 +406,16 @@ class CamModel:
                 else:
                     targets = fixed
                 picked = [tf.reduce_sum(tf.gather(logits, targets[:, j], batch_dims=1)) for j in range(k)]
+            saliency = self._guided_saliency(images, targets, k) if self.guided_tap is not None else None
             maps = []
             for j in range(k):
                 # Images are independent in inference mode, so the gradient of the batch sum is per image.
                 grads = tape.gradient(picked[j], acts)
                 weights = method(acts, grads)
                 cam = tf.nn.relu(tf.einsum("bhwc,bc->bhw", acts, weights))
+                if saliency is not None:  # Guided Grad-CAM: pointwise product at the input's resolution
+                    size = tf.shape(images)[1:3]
+                    cam = tf.image.resize(cam[..., None], size, method="bilinear")[..., 0] * saliency[j]
                 peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
                 maps.append(tf.math.divide_no_nan(cam, peak))
             del tape
@@ -391,6 +429,19 @@ class CamModel:
         )
         self._fns[key] = fn
         return fn
+
+    def _guided_saliency(self, images, targets, k: int) -> list:
+        """Per rank, [b, H, W]: the guided-backpropagation gradient of the class logit w.r.t. the pixels,
+        its largest magnitude over the colour channels (a pixel matters if any of its channels does)."""
+        from cvtool.runtime import tf
+
+        with tf.GradientTape(persistent=k > 1) as tape:
+            tape.watch(images)
+            logits, _ = self._scores(self.guided_tap(images, training=False)[1])
+            picked = [tf.reduce_sum(tf.gather(logits, targets[:, j], batch_dims=1)) for j in range(k)]
+        out = [tf.reduce_max(tf.abs(tape.gradient(picked[j], images)), axis=-1) for j in range(k)]
+        del tape
+        return out
 
     def compute(self, images: np.ndarray, classes: Sequence[int] | np.ndarray | None = None, top_k: int = 1):
         """Maps for a batch of uint8 RGB images at the model's size, in one forward and K backward passes.

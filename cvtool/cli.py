@@ -21,13 +21,20 @@ from cvtool import __version__
 from cvtool.cam import METHODS as CAM_METHODS
 from cvtool.classmap import DEFAULT_MODEL as DEFAULT_SEGMENT_MODEL
 from cvtool.config import FinetuneConfig, TrainConfig, from_options, option_fields
+from cvtool.engines import ENGINES
 from cvtool.errors import EXIT_UNUSABLE, EXIT_USAGE, CvtoolError
+from cvtool.export import FORMATS as EXPORT_FORMATS
+from cvtool.formats import FORMATS
 from cvtool.imagenet import LABEL_FORMATS
 from cvtool.rules import ENSEMBLE_RULES, VIEW_REDUCERS
+from cvtool.runtimes import RUNTIME_ENV, RUNTIMES
 from cvtool.storage import local_path
 from cvtool.tta import DEFAULT_TRANSFORMS, TRANSFORMS
 
-COMMAND_ORDER = ("train", "finetune", "predict", "tta", "ensemble", "evaluate", "gradcam", "segment", "merge", "models")
+COMMAND_ORDER = (
+    "train", "finetune", "predict", "tta", "ensemble", "evaluate", "gradcam", "visualize", "segment", "merge", "models",
+    "export",
+)  # fmt: skip
 
 
 # Plain metavars in --help: a flag shows no value placeholder, a value shows an upper-case word (INTEGER,
@@ -152,6 +159,11 @@ ImagenetWeights = Annotated[
         show_default=False,
     ),
 ]
+RUNTIME_HELP = (
+    f"What runs the model: auto (a run's fastest fresh export, else TensorFlow), {RUNTIMES.described()}. "
+    "tflite and onnx take the run's export (cvtool export) or an exported file, without importing TensorFlow."
+)
+Runtime = Annotated[str, typer.Option("--runtime", envvar=RUNTIME_ENV, help=RUNTIME_HELP)]
 LabelFormat = Annotated[
     str,
     typer.Option("--label-format", help=f"CSV labels of imagenet:NAME models: {LABEL_FORMATS.described()}."),
@@ -185,7 +197,42 @@ RuleWeights = Annotated[
 ]
 Method = Annotated[str, typer.Option(help=f"CAM method: {CAM_METHODS.described()}.")]
 CsvOut = Annotated[
-    str, typer.Option("--out", "-o", help="Predictions CSV to write (or a URL).", metavar="PATH", show_default=False)
+    str,
+    typer.Option(
+        "--out",
+        "-o",
+        help="Predictions file to write (.csv, .jsonl or .parquet), a path or a URL.",
+        metavar="PATH",
+        show_default=False,
+    ),
+]
+ResultFormat = Annotated[
+    Optional[str],
+    typer.Option(
+        "--format",
+        envvar="CVTOOL_FORMAT",
+        help=f"Results format: {FORMATS.described()}. Must agree with --out's suffix when that names one.",
+        show_default="from --out's suffix",
+    ),
+]
+# --engine and the Ray engine's worker options (cvtool.engines; docs/ray.md).
+Engine = Annotated[str, typer.Option(envvar="CVTOOL_ENGINE", help=f"Where the work runs: {ENGINES.described()}.")]
+RayAddress = Annotated[
+    str,
+    typer.Option(
+        envvar="RAY_ADDRESS", help="--engine ray: the Ray cluster to join.", show_default="none: Ray starts here"
+    ),
+]
+Replicas = Annotated[
+    str,
+    typer.Option(
+        envvar="CVTOOL_REPLICAS",
+        help="--engine ray: model replicas, N or MIN:MAX (Ray scales between them); auto: 1 to what the cluster fits.",
+    ),
+]
+CpusPerReplica = Annotated[float, typer.Option(min=0.0, help="--engine ray: CPUs each model replica reserves.")]
+GpusPerReplica = Annotated[
+    float, typer.Option(min=0.0, help="--engine ray: GPUs each model replica reserves (fractions share one).")
 ]
 
 # Each shared option once: its alias and default. Commands list the ones they take (@shared_options) and
@@ -203,12 +250,20 @@ SHARED_OPTIONS = {
     "unsafe_load": (UnsafeLoad, False),
     "weights": (ImagenetWeights, None),
     "label_format": (LabelFormat, "name"),
+    "runtime": (Runtime, "auto"),
     "resume": (Resume, False),
     "shard": (ShardOpt, ""),
+    "format": (ResultFormat, None),
+    "engine": (Engine, "local"),
+    "ray_address": (RayAddress, ""),
+    "replicas": (Replicas, "auto"),
+    "cpus_per_replica": (CpusPerReplica, 1.0),
+    "gpus_per_replica": (GpusPerReplica, 0.0),
 }
 TTA_FIELDS = ("transforms", "reduce", "crop_scale", "copies", "seed")  # cvtool.tta.TtaOptions' fields
 JOB_OPTIONS = ("overwrite", "quiet", "resume", "shard")  # every resumable, shardable batch command
-MODEL_OPTIONS = ("unsafe_load", "weights")  # every command that loads a classifier
+MODEL_OPTIONS = ("unsafe_load", "weights", "runtime")  # every command that scores with a classifier
+ENGINE_OPTIONS = ("engine", "ray_address", "replicas", "cpus_per_replica", "gpus_per_replica")  # scoring commands
 
 
 def shared_options(*names: str):
@@ -325,6 +380,8 @@ Members = Annotated[
         metavar="INTEGER",
     ),
 ]
+Workers = Annotated[int, typer.Option(min=1, help="--engine ray: Ray Train workers (one TensorFlow process each).")]
+GpusPerWorker = Annotated[float, typer.Option(min=0.0, help="--engine ray: GPUs each training worker reserves.")]
 # What a value looks like in --help (a flag shows none).
 METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", bool: ""}
 
@@ -371,6 +428,34 @@ def config_options(cls):
     return decorate
 
 
+def _on_ray(engine: str) -> bool:
+    from cvtool.engines import engine_settings
+
+    return engine_settings(engine).name == "ray"
+
+
+def _train_on_ray(kind, data, out, cfg, workers, gpus_per_worker, address, overwrite, resume, quiet) -> int:
+    """train/finetune --engine ray (:mod:`cvtool.ray_training`): the chief writes --out."""
+    from cvtool.ray_training import train_on_ray
+
+    result = train_on_ray(
+        kind,
+        data,
+        out,
+        cfg=cfg,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        address=address or None,
+        overwrite=overwrite,
+        resume=resume,
+        quiet=quiet,
+    )
+    typer.echo(f"model saved to {result.run_dir} ({workers} Ray workers)")
+    if result.skipped:
+        typer.echo(f"{result.skipped} files skipped: could not be read (see {result.run_dir / 'errors.csv'})", err=True)
+    return 1 if result.skipped else 0
+
+
 def _report_skipped(results) -> None:
     """Why a training run exits 1: how many unreadable files it skipped, and where they are listed."""
     from cvtool.trainer import ERRORS_FILE
@@ -396,12 +481,23 @@ def train(
     members: Members = 1,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    engine: Engine = "local",
+    workers: Workers = 2,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    ray_address: RayAddress = "",
 ) -> int:
     """Train a classifier from scratch; writes model.keras, cvtool.json, history, checkpoints/, logs/ into --out."""
     _refuse_impossible_out(out, remote=False)  # these modules import TensorFlow: fail fast
+    out = local_path(out)
+    cfg = from_options(TrainConfig, options, resume)  # --resume: the stored config; only --epochs can change
+    if _on_ray(engine):
+        if members > 1:
+            from cvtool.errors import UsageError
+
+            raise UsageError("--members does not run on --engine ray yet; train the members with --engine local")
+        return _train_on_ray("train", data, out, cfg, workers, gpus_per_worker, ray_address, overwrite, resume, quiet)
     from cvtool.train import train as run_train
 
-    cfg = from_options(TrainConfig, options, resume)  # --resume: the stored config; only --epochs can change
     if members > 1:
         from cvtool.train import train_members
 
@@ -409,11 +505,10 @@ def train(
             from cvtool.errors import UsageError
 
             raise UsageError("--resume works on one run; resume each RUN/member-N folder on its own")
-        results = train_members(data, local_path(out), cfg=cfg, members=members, overwrite=overwrite, quiet=quiet)
+        results = train_members(data, out, cfg=cfg, members=members, overwrite=overwrite, quiet=quiet)
         typer.echo(f"ensemble of {members} models saved to {out}")
         _report_skipped(results)
         return 1 if any(r.failures for r in results) else 0
-    out = local_path(out)
     result = run_train(data, out, cfg=cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
     _report_skipped([result])
@@ -422,19 +517,19 @@ def train(
 
 @app.command()
 @reports_errors
-@shared_options("top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS)
+@shared_options("top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS, "format", *ENGINE_OPTIONS)
 def predict(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int:
     """Classify every image under INPUT: one CSV row per image (path,label,score,label_2,score_2,...)."""
     from cvtool.predict import predict as run_predict
 
-    result = run_predict(model, input, out, **options)
+    result = run_predict(model, input, out, engine=_engine_options(options), **options)
     _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
 
 
 @app.command()
 @reports_errors
-@shared_options("top_k", "batch_size", "overwrite", "quiet", *MODEL_OPTIONS, *TTA_FIELDS)
+@shared_options("top_k", "batch_size", "overwrite", "quiet", *MODEL_OPTIONS, *TTA_FIELDS, *ENGINE_OPTIONS)
 def evaluate(
     models: Annotated[
         list[str],
@@ -475,6 +570,15 @@ def evaluate(
     rule: Rule = "mean",
     rule_weights: RuleWeights = "",
     use_tta: Annotated[bool, typer.Option("--tta", help="Also score TTA views and report the gain.")] = False,
+    report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Write OUT/report.html (plots, captioned thumbnails).")
+    ] = True,
+    report_max: Annotated[
+        int, typer.Option(help="Misclassified images shown in report.html, most confident first (0-1000).")
+    ] = 100,
+    explain: Annotated[
+        int, typer.Option(min=0, help="Grad-CAM overlays in report.html for the N most confident errors.")
+    ] = 0,
     **options,
 ) -> int:
     """Accuracy, rank-N accuracy, per-class precision/recall/F1 and a confusion matrix.
@@ -506,6 +610,10 @@ def evaluate(
         tta=_tta_options(options, use=use_tta),
         rule=rule if len(models) > 1 or rule != "mean" else None,
         rule_weights=parse_weights(rule_weights),
+        engine=_engine_options(options),
+        report=report,
+        report_max=report_max,
+        explain=explain,
         **options,
     )
     from cvtool.evaluate import format_summary
@@ -518,7 +626,7 @@ def evaluate(
 
 @app.command()
 @reports_errors
-@shared_options(*JOB_OPTIONS)
+@shared_options(*JOB_OPTIONS, "engine")
 def segment(
     input: InputArg,
     out: Annotated[
@@ -569,6 +677,7 @@ def segment(
     **options,
 ) -> int:
     """Per-pixel classes for every image under INPUT: mask, colour mask and overlay per image, legend, pixel counts."""
+    _engine_options(options, refuse_ray="segment")
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
     from cvtool.segment import SegmentConfig, parse_size
     from cvtool.segment import segment as run_segment
@@ -621,25 +730,30 @@ def models_command(
 @app.command()
 @reports_errors
 def merge(
-    out: Annotated[str, typer.Argument(help="Combined CSV to write (or a URL).", show_default=False)],
+    out: Annotated[
+        str,
+        typer.Argument(help="Combined file to write: .csv, .jsonl or .parquet (a path or a URL).", show_default=False),
+    ],
     shards: Annotated[
-        list[str], typer.Argument(help="Shard CSVs (from --shard K/N runs), paths or URLs.", show_default=False)
+        list[str],
+        typer.Argument(help="Shard files (from --shard K/N runs), in any format, paths or URLs.", show_default=False),
     ],
     partial: Annotated[bool, typer.Option("--partial", help="Merge even if some shards of K/N are missing.")] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    format: ResultFormat = None,
 ) -> int:
-    """Combine shard CSVs (and their errors CSVs) into one, in input order; refuses duplicates and mixed models."""
+    """Combine shard results (and their errors files) into one, in input order; refuses duplicates and mixed models."""
     from cvtool.merge import merge as run_merge
 
-    result = run_merge(out, shards, overwrite=overwrite, partial=partial)
+    result = run_merge(out, shards, overwrite=overwrite, partial=partial, format=format)
     _report(result.processed, result.failed, result.out, result.errors, quiet)
     return result.exit_code
 
 
 @app.command()
 @reports_errors
-@shared_options("batch_size", *MODEL_OPTIONS, *JOB_OPTIONS)
+@shared_options("batch_size", "unsafe_load", "weights", *JOB_OPTIONS, "engine")
 def gradcam(
     model: ModelArg,
     input: InputArg,
@@ -672,9 +786,13 @@ def gradcam(
         bool, typer.Option("--save-heatmap", help="Also write the map as 8-bit grayscale <name>.heatmap.png.")
     ] = False,
     npy: Annotated[bool, typer.Option("--npy", help="Also write the map as float32 <name>.heatmap.npy.")] = False,
+    runtime: Annotated[
+        str, typer.Option("--runtime", help="Grad-CAM needs gradients: auto and tf (the Keras model) only.")
+    ] = "auto",
     **options,
 ) -> int:
     """Grad-CAM heatmaps: where the model looked, as overlays at each input image's own size."""
+    _engine_options(options, refuse_ray="gradcam")
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
     from cvtool.gradcam import gradcam as run_gradcam
 
@@ -692,6 +810,48 @@ def gradcam(
         fmt=fmt,
         save_heatmap=save_heatmap,
         npy=npy,
+        runtime=runtime,
+        **options,
+    )
+    _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
+    return result.exit_code
+
+
+@app.command()
+@reports_errors
+@shared_options("batch_size", "overwrite", "quiet", *MODEL_OPTIONS)
+def visualize(
+    model: ModelArg,
+    input: Annotated[
+        Path, typer.Argument(help="Image file, or folder searched recursively.", metavar="IMAGE", show_default=False)
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Folder for the activation grids and filter patterns.", show_default=False),
+    ],
+    layers: Annotated[
+        Optional[str],
+        typer.Option(help="Comma list of layer names (or backbone/NAME).", show_default="one per convolution block"),
+    ] = None,
+    filters: Annotated[int, typer.Option(min=0, help="Filter patterns per layer (its first N); 0: none.")] = 16,
+    channels: Annotated[int, typer.Option(min=0, help="Channels per activation grid (the first N); 0: all.")] = 64,
+    steps: Annotated[int, typer.Option(min=0, help="Gradient-ascent steps of the filter patterns.")] = 30,
+    step_size: Annotated[float, typer.Option(help="Pixel levels (RMS) per gradient-ascent step.")] = 5.0,
+    **options,
+) -> int:
+    """Intermediate activations of each image as channel grids, and the patterns that maximise chosen filters."""
+    _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
+    from cvtool.visualize import visualize as run_visualize
+
+    result = run_visualize(
+        model,
+        input,
+        out,
+        layers=layers,
+        filters=filters,
+        channels=channels,
+        steps=steps,
+        step_size=step_size,
         **options,
     )
     _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
@@ -708,13 +868,20 @@ def finetune(
     resume: TrainResume = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
+    engine: Engine = "local",
+    workers: Workers = 2,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    ray_address: RayAddress = "",
 ) -> int:
     """Transfer learning: train a new head on a frozen pretrained backbone, then fine-tune its top layers."""
     _refuse_impossible_out(out, remote=False)  # these modules import TensorFlow: fail fast
+    out = local_path(out)
+    cfg = from_options(FinetuneConfig, options, resume)  # --resume: the stored config; only --epochs can change
+    if _on_ray(engine):
+        gpus, address = gpus_per_worker, ray_address
+        return _train_on_ray("finetune", data, out, cfg, workers, gpus, address, overwrite, resume, quiet)
     from cvtool.finetune import finetune as run_finetune
 
-    cfg = from_options(FinetuneConfig, options, resume)  # --resume: the stored config; only --epochs can change
-    out = local_path(out)
     result = run_finetune(data, out, cfg=cfg, overwrite=overwrite, quiet=quiet, resume=resume)
     typer.echo(f"model saved to {result.run_dir}")
     _report_skipped([result])
@@ -723,19 +890,24 @@ def finetune(
 
 @app.command()
 @reports_errors
-@shared_options(*TTA_FIELDS, "top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS)
+@shared_options(
+    *TTA_FIELDS, "top_k", "batch_size", *MODEL_OPTIONS, "label_format", *JOB_OPTIONS, "format", *ENGINE_OPTIONS
+)
 def tta(model: ModelArg, input: InputArg, out: CsvOut, **options) -> int:
     """Predictions averaged over augmented views of every image (test-time augmentation); predict's CSV format."""
     from cvtool.tta import tta as run_tta
 
-    result = run_tta(model, input, out, options=_tta_options(options), **options)
+    result = run_tta(model, input, out, options=_tta_options(options), engine=_engine_options(options), **options)
     _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
 
 
 @app.command()
 @reports_errors
-@shared_options(*TTA_FIELDS, "top_k", "batch_size", "unsafe_load", "label_format", *JOB_OPTIONS)
+@shared_options(
+    *TTA_FIELDS, "top_k", "batch_size", "unsafe_load", "runtime", "label_format", *JOB_OPTIONS, "format",
+    *ENGINE_OPTIONS,
+)  # fmt: skip
 def ensemble(
     models: Annotated[
         Optional[list[str]],
@@ -796,10 +968,72 @@ def ensemble(
         rule_weights=parse_weights(rule_weights),
         weights=weights,
         tta=_tta_options(options, use=use_tta),
+        engine=_engine_options(options),
         **options,
     )
     _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
     return result.exit_code
+
+
+@app.command("export")
+@reports_errors
+def export_command(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Run directory from train/finetune, its .keras file, or imagenet:NAME (with --out).",
+            metavar="RUN",
+            show_default=False,
+        ),
+    ],
+    fmt: Annotated[str, typer.Option("--format", "-f", help=f"What to write: {EXPORT_FORMATS.described()}.")],
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out",
+            "-o",
+            help="Artefact to write; labels.txt and export.json go beside it.",
+            show_default="RUN/export/saved_model, model.tflite, model-int8.tflite or model.onnx",
+        ),
+    ] = None,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="TFLite full-integer quantization (uint8 pixels in), calibrated on images.")
+    ] = False,
+    calibration: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Folder of images: what --int8 calibrates on, and the parity set when the run's validation "
+            "images are not available (class sub-folders add accuracy).",
+            show_default="the run's training images (int8), validation images (parity)",
+        ),
+    ] = None,
+    samples: Annotated[int, typer.Option(min=1, help="At most this many images scored for parity.")] = 200,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    unsafe_load: UnsafeLoad = False,
+    weights: ImagenetWeights = None,
+) -> int:
+    """Export a model as a standalone SavedModel, TFLite or ONNX file (RGB 0-255 in, probabilities out).
+
+    Parity with the Keras model is measured on the run's validation images: a float export that disagrees
+    (top-1 agreement < 99.5% or max |dp| > 1e-3) is refused (exit 3).
+    """
+    from cvtool.export import export
+
+    result = export(
+        model,
+        format=fmt,
+        out=out,
+        int8=int8,
+        calibration=calibration,
+        samples=samples,
+        overwrite=overwrite,
+        quiet=quiet,
+        unsafe_load=unsafe_load,
+        weights=weights,
+    )
+    typer.echo(result.summary())
+    return 0
 
 
 def _is_number_list(text: str) -> bool:
@@ -825,6 +1059,26 @@ def join(base, name: str):
     from cvtool.storage import join as join_location
 
     return join_location(base, name)
+
+
+def _engine_options(options: dict, refuse_ray: str | None = None):
+    """Take the engine options out of a command's ``options``: one :class:`cvtool.engines.EngineSettings`.
+
+    ``refuse_ray``: the command's name, for commands without a Ray engine yet (``--engine ray`` is exit 2).
+    """
+    from cvtool.engines import engine_settings, refuse_ray_engine
+
+    fields = {name: options.pop(name) for name in ENGINE_OPTIONS if name in options}
+    if refuse_ray:
+        refuse_ray_engine(fields["engine"], refuse_ray)
+        return None
+    return engine_settings(
+        fields["engine"],
+        address=fields["ray_address"],
+        replicas=fields["replicas"],
+        cpus_per_replica=fields["cpus_per_replica"],
+        gpus_per_replica=fields["gpus_per_replica"],
+    )
 
 
 def _report(processed: int, failed: int, out: Path | str, errors: Path | str, quiet: bool) -> None:

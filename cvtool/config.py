@@ -96,6 +96,11 @@ class TrainConfig:
         "How DATA's folders are read: auto, classes (every sub-folder is a class) or splits "
         "(train/, validation/ or val/, test/ holding class folders; other folders ignored).",
     )
+    report: bool = option(
+        True,
+        "Write RUN/report.html: the data, then the curves (rewritten every epoch), config and metrics.",
+        flags=("--report/--no-report",),
+    )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,6 +148,11 @@ class FinetuneConfig(TrainConfig):
     )
     unfreeze_fraction: float = option(0.25, "Phase 2 unfreezes this top fraction of layers.")
     dropout: float = option(0.2, "Dropout before the softmax head.")
+    cache_features: str = option(
+        "auto",
+        "Phase 1 on cached features: the frozen backbone runs once per image, the head trains on its outputs. "
+        "auto (on when phase 1 has no augmentation and the weights are pretrained), on, or off.",
+    )
     image_size: int | None = option(None, "Square input side in pixels (default: the backbone's own; 224 for hub).")
 
     @property

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cvtool.bundle import Classifier
+from cvtool.engines import EngineSettings
 from cvtool.errors import UsageError
 from cvtool.images import list_images
 from cvtool.inference import write_predictions
@@ -33,6 +34,7 @@ def ensemble_scorer(
     tta: TtaOptions | None = None,
     unsafe_load: bool = False,
     weights: str | Path | None = None,
+    runtime: str = "auto",
 ) -> Scorer:
     """Load ``models`` (ensemble run directories contribute all their members) and combine them by ``rule``.
 
@@ -45,12 +47,13 @@ def ensemble_scorer(
         unsafe_load: allow models with Lambda layers or custom code.
         weights: for ``imagenet:NAME`` models: a local weights file (one such model) or a folder of
             ``NAME.h5`` files.
+        runtime: what runs each model: ``auto`` (a run's fastest export, else TF), ``tf``, ``tflite``, ``onnx``.
 
     Example: ``ensemble_scorer(["runs/a", "runs/b"], rule="weighted", rule_weights=[2, 1])``.
     """
     if not models:
         raise UsageError("give at least one MODEL")
-    scorer = build_scorer(load_model_sets(models, unsafe_load, weights), rule, rule_weights)
+    scorer = build_scorer(load_model_sets(models, unsafe_load, weights, runtime=runtime), rule, rule_weights)
     return apply_tta(scorer, tta) if tta is not None else scorer
 
 
@@ -70,9 +73,12 @@ def ensemble(
     quiet: bool = False,
     unsafe_load: bool = False,
     weights: str | Path | None = None,
+    runtime: str = "auto",
     label_format: str = "name",
     resume: bool = False,
     shard: str | Shard | None = None,
+    format: str | None = None,
+    engine: str | EngineSettings | None = None,
 ) -> RunResult:
     """Write the combined predictions of ``models`` for every image under ``input`` (predict's CSV format).
 
@@ -80,7 +86,7 @@ def ensemble(
         models: run directories, ``.keras`` files, ``imagenet:NAME`` names or loaded classifiers; an
             ensemble run directory adds all its members.
         input: an image file, or a folder searched recursively.
-        out: the predictions CSV to write.
+        out: the predictions file to write (``.csv``, ``.jsonl`` or ``.parquet``).
         rule: how members are combined (see :data:`cvtool.rules.ENSEMBLE_RULES`); None: a single
             ensemble run's own rule.
         rule_weights: the weighted rule's weights, one per member.
@@ -92,19 +98,28 @@ def ensemble(
         unsafe_load: allow models with Lambda layers or custom code.
         weights: for ``imagenet:NAME`` members: a local weights file (one such member) or a folder of
             ``NAME.h5`` files.
+        runtime: what runs each model: ``auto`` (a run's fastest export, else TF), ``tf``, ``tflite``, ``onnx``.
         label_format: ``name``, ``wnid`` or ``both``, for ``imagenet:NAME`` models.
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
+        format: ``csv``, ``jsonl`` or ``parquet`` (default: from ``out``'s suffix; see :mod:`cvtool.formats`).
+        engine: where the scoring runs: ``local`` or ``ray`` (:mod:`cvtool.engines`); None: ``$CVTOOL_ENGINE``.
 
     Example: ``ensemble(["runs/a", "runs/b"], "incoming/", "preds.csv", rule="geometric")``.
     """
     if rule is not None:
         ENSEMBLE_RULES.entry(rule)  # an unknown rule is refused before anything is loaded
         check_weights(rule, rule_weights)  # before loading the models (their count is checked once they are loaded)
-    with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard) as job:
+    with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard, format=format) as job:
         items = list_images(input)
         scorer = ensemble_scorer(
-            models, rule=rule, rule_weights=rule_weights, tta=tta, unsafe_load=unsafe_load, weights=weights
+            models,
+            rule=rule,
+            rule_weights=rule_weights,
+            tta=tta,
+            unsafe_load=unsafe_load,
+            weights=weights,
+            runtime=runtime,
         )
         return write_predictions(
             scorer,
@@ -116,4 +131,5 @@ def ensemble(
             quiet=quiet,
             input=input,
             label_format=label_format,
+            engine=engine,
         )

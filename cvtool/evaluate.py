@@ -16,14 +16,16 @@ import numpy as np
 from cvtool.batches import Failure
 from cvtool.bundle import Classifier
 from cvtool.data import LAYOUTS, LabelledSet, read_class_folders, split_dirs
+from cvtool.engines import EngineSettings
 from cvtool.ensemble import ensemble_scorer
 from cvtool.errors import UnusableError, UsageError
+from cvtool.evaluation_report import MAX_REPORT_MAX, ReportSamples, remove_report, write_evaluation_report
 from cvtool.fonts import text_fonts
 from cvtool.images import InputItem
 from cvtool.inference import prediction_cells, prediction_header, score_batches, top_k_indices
 from cvtool.jobs import ERRORS_HEADER
 from cvtool.locks import holds_output_lock
-from cvtool.metrics import rank_accuracy, summarise, true_class_rank
+from cvtool.metrics import calibration, rank_accuracy, summarise, true_class_rank
 from cvtool.outputs import CsvWriter, cell_path, path_cell, save_figure, write_csv, write_json
 from cvtool.progress import Progress, warn
 from cvtool.rules import ENSEMBLE_RULES, check_weights
@@ -307,9 +309,14 @@ def evaluate(
     quiet: bool = False,
     unsafe_load: bool = False,
     weights: str | Path | None = None,
+    runtime: str = "auto",
     tta: TtaOptions | None = None,
     rule: str | None = None,
     rule_weights: Sequence[float] | None = None,
+    engine: str | EngineSettings | None = None,
+    report: bool = True,
+    report_max: int = 100,
+    explain: int = 0,
 ) -> EvalResult:
     """Evaluate a model on a labelled folder (or a flat folder plus a labels CSV); write reports to ``out``.
 
@@ -336,9 +343,15 @@ def evaluate(
         quiet: no progress bar or log lines.
         unsafe_load: allow models with Lambda layers or custom code.
         weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
+        runtime: what runs each model: ``auto`` (a run's fastest export, else TF), ``tf``, ``tflite``, ``onnx``.
         tta: also score the TTA views (which must include identity) and report the gain.
         rule: how several models are combined; None: mean, or a single ensemble run's own rule.
         rule_weights: the weighted rule's weights, one per model.
+        engine: where the scoring runs: ``local`` or ``ray`` (:mod:`cvtool.engines`); None: ``$CVTOOL_ENGINE``.
+        report: write ``report.html`` (and ``report_files/``), see :mod:`cvtool.evaluation_report`.
+        report_max: misclassified images shown in the report, the most confident first.
+        explain: Grad-CAM overlays in the report for this many of the most confident errors
+            (of the first model).
 
     Example: ``evaluate("runs/clothes", "photos/", "reports/", ranks=(1, 5)).metrics["accuracy"]``.
     """
@@ -351,6 +364,10 @@ def evaluate(
         raise UsageError(f"labels file not found: {labels}")
     if layout not in LAYOUTS:
         raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if not 0 <= report_max <= MAX_REPORT_MAX:
+        raise UsageError(f"--report-max must be between 0 and {MAX_REPORT_MAX}, got {report_max}")
+    if explain < 0:
+        raise UsageError(f"--explain must not be negative, got {explain}")
     if any(k < 1 for k in ranks):
         raise UsageError("--rank values must be at least 1")
     if tta is not None and "identity" not in tta.transforms:
@@ -362,7 +379,13 @@ def evaluate(
         raise UsageError(f"{out_dir / METRICS_FILE} already exists; pass --overwrite to replace it")
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     scorer = ensemble_scorer(
-        models, rule=rule, rule_weights=rule_weights, tta=tta, unsafe_load=unsafe_load, weights=weights
+        models,
+        rule=rule,
+        rule_weights=rule_weights,
+        tta=tta,
+        unsafe_load=unsafe_load,
+        weights=weights,
+        runtime=runtime,
     )
     names = scorer.class_names
     wnids = scorer.members[0].classifier.meta.get("wnids")
@@ -384,8 +407,9 @@ def evaluate(
         )
     label_of = {id(item): label for item, label in zip(labelled.items, labelled.labels)}
     k = min(max(top_k, 1), len(names))
-    y_true, y_pred, ranks_seen, p_true = [], [], [], []
+    y_true, y_pred, ranks_seen, p_true, confidence = [], [], [], [], []
     compare = Comparison(scorer, tta) if comparing else None
+    samples = ReportSamples(report_max, len(names)) if report else None
     header = ["path", "true", *prediction_header(k)[1:]]
     with (
         CsvWriter(out_dir / "predictions.csv", header) as rows,
@@ -396,7 +420,7 @@ def evaluate(
         for f in failures:
             errors.write([path_cell(f.item.rel), f.reason])
             warn(f"{path_cell(f.item.rel)}: {f.reason}")
-        for batch, member_probs in score_batches(scorer, labelled.items, batch_size):
+        for batch, member_probs in score_batches(scorer, labelled.items, batch_size, engine):
             probs = scorer.reduce_views_then_members(member_probs)
             for f in batch.failures:
                 errors.write([path_cell(f.item.rel), f.reason])
@@ -414,6 +438,9 @@ def evaluate(
                 y_pred.extend(idx[:, 0])
                 ranks_seen.extend(true_class_rank(probs, truth))
                 p_true.extend(probs[np.arange(len(truth)), truth])
+                confidence.extend(probs.max(axis=1))
+                if samples is not None:
+                    samples.add(batch.items, truth, probs)
                 if compare is not None:
                     compare.add(member_probs, truth)
             progress.update(len(batch.items) + len(batch.failures))
@@ -426,6 +453,9 @@ def evaluate(
         if is_url(given[name]) and source.startswith(local):
             source = redact(given[name]).rstrip("/") + source[len(local) :]
     metrics = {"model": scorer.source, "data": source, "failed": len(failures), **metrics}
+    confidence, correct = np.asarray(confidence, float), np.asarray(y_true) == np.asarray(y_pred)
+    cal = calibration(confidence, correct)
+    metrics.update(ece=cal["ece"], calibration=cal)
     if compare is not None:
         metrics.update(compare.metrics(names, ranks))
     write_json(out_dir / METRICS_FILE, metrics)
@@ -436,6 +466,21 @@ def evaluate(
     cm_shown, names_shown = cm[np.ix_(keep, keep)], [names[i] for i in keep]
     plot_confusion(cm_shown, names_shown, out_dir / "confusion_matrix.png", normalise=False)
     plot_confusion(cm_shown, names_shown, out_dir / "confusion_matrix_normalized.png", normalise=True)
+    if samples is not None:
+        write_evaluation_report(
+            out_dir,
+            metrics=metrics,
+            cm=cm,
+            names=names,
+            samples=samples,
+            confidence=confidence,
+            correct=correct,
+            failures=failures,
+            classifier=scorer.members[0].classifier,
+            explain=explain,
+        )
+    else:  # an earlier run's page would contradict this run's metrics.json
+        remove_report(out_dir)
     return EvalResult(metrics, len(y_true), len(failures), out_dir)
 
 
@@ -516,7 +561,8 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: Path, normalise: bool
     side = min(max(4.0, 0.45 * n + 2), 30.0)
     with text_fonts(names):  # class names in any script (CJK ones too), no glyph warnings
         fig, ax = plt.subplots(figsize=(side, side))
-        ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalise else max(values.max(), 1))
+        shown = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalise else max(values.max(), 1))
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class" if normalise else "images")
         ax.set_xticks(range(n), names, rotation=90 if n > 6 else 45, ha="right" if n <= 6 else "center")
         ax.set_yticks(range(n), names)
         ax.set_xlabel("predicted")

@@ -28,12 +28,15 @@ Everything else (data cache, callbacks, checkpoints, early stopping,
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 
 import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
+from cvtool.cached_features import use_cached_features
 from cvtool.config import HUB_PREFIX, FinetuneConfig
 from cvtool.errors import UnusableError, UsageError
 from cvtool.locks import holds_output_lock
@@ -75,6 +78,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         from cvtool.backbones import get_backbone
 
         get_backbone(cfg.arch)
+    use_cached_features(cfg)  # refuses --cache-features on where features change
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int, image_size: tuple[int, int]):
@@ -192,6 +196,7 @@ def _finetune_backbone(data, run: RunFolder, cfg: FinetuneConfig, state: dict | 
 
     backbone = get_backbone(cfg.arch)
     side = cfg.image_size or backbone.size
+    cached = use_cached_features(cfg)
     with precision_scope(cfg.mixed_precision) as mixed:
         strategy = distribution_strategy()
         info(f"fine-tuning {cfg.arch} (weights {cfg.weights}, {strategy_name(strategy)})", quiet)
@@ -210,7 +215,10 @@ def _finetune_backbone(data, run: RunFolder, cfg: FinetuneConfig, state: dict | 
         phase_start = state.get("phase_start", 0) if state else 0
         if trainer.phase in (None, HEAD_PHASE) and trainer.epoch < cfg.head_epochs:
             trainer.resume_point.info["phase_start"] = phase_start
-            trainer.fit(model, cfg.head_epochs, phase=HEAD_PHASE)
+            if cached:
+                fit_head_on_features(trainer, model, cfg, quiet)
+            else:
+                trainer.fit(model, cfg.head_epochs, phase=HEAD_PHASE)
         unfrozen = None
         if cfg.epochs > 0:
             if trainer.phase != FINE_TUNE_PHASE:
@@ -227,10 +235,38 @@ def _finetune_backbone(data, run: RunFolder, cfg: FinetuneConfig, state: dict | 
             "arch": cfg.arch,
             "backbone": cfg.arch,
             "weights": cfg.weights,
-            "phases": {"head_epochs": cfg.head_epochs, "fine_tune_epochs": cfg.epochs, "unfrozen_layers": unfrozen},
+            "phases": {
+                "head_epochs": cfg.head_epochs,
+                "fine_tune_epochs": cfg.epochs,
+                "unfrozen_layers": unfrozen,
+                "head_on_cached_features": cached,
+            },
         }
         write_run_meta(trainer, data, extra, mixed)
     return trainer.result(model)
+
+
+def fit_head_on_features(trainer: Trainer, model, cfg: FinetuneConfig, quiet: bool) -> None:
+    """The head phase on cached features: the frozen backbone runs once per image, the head trains on its outputs.
+
+    The head model shares its layers with ``model``, which is what model.keras, the
+    checkpoints and the resume point save (see :mod:`cvtool.cached_features`).
+    """
+    from cvtool.cached_features import extract_features, head_model
+    from cvtool.data import DecodedSet
+
+    start = time.monotonic()
+    data = trainer.data
+    sets = [
+        DecodedSet(extract_features(model, s.images, cfg.batch_size), s.labels, s.items, s.failures)
+        for s in (data.train_set, data.val_set)
+    ]
+    n = len(sets[0].labels) + len(sets[1].labels)
+    info(f"head phase on cached features: backbone run once over {n} images ({time.monotonic() - start:.1f}s)", quiet)
+    head = head_model(model)
+    trainer.compile(head, cfg.lr, optimizer=model.optimizer)  # the classifier's optimizer: resume points keep it
+    features = dataclasses.replace(data, train_set=sets[0], val_set=sets[1])
+    trainer.fit(head, cfg.head_epochs, phase=HEAD_PHASE, augment=False, data=features, saved=model)
 
 
 def _finetune_hub(data, run: RunFolder, cfg: FinetuneConfig, state: dict | None, quiet: bool) -> TrainResult:

@@ -28,6 +28,7 @@ from cvtool.jobs import BatchJob, RunResult, Shard, model_fingerprint, remove_st
 from cvtool.locks import holds_output_lock
 from cvtool.outputs import format_score, path_cell, write_bytes_atomic
 from cvtool.progress import Progress, info, warn
+from cvtool.runtimes import check_runtime, runtime_of
 from cvtool.storage import stages_output
 
 INDEX_FILE = "gradcam.csv"
@@ -123,6 +124,7 @@ def gradcam(
     quiet: bool = False,
     unsafe_load: bool = False,
     weights: str | Path | None = None,
+    runtime: str = "auto",
     resume: bool = False,
     shard: str | Shard | None = None,
 ) -> RunResult:
@@ -132,7 +134,17 @@ def gradcam(
     ``class_name``. Pictures have the input image's own size. Each picture is
     written (atomically) before its index rows, so ``resume`` continues an
     interrupted run from the index; ``shard`` ("K/N") does only that share of INPUT.
+    Grad-CAM needs gradients: only the TensorFlow runtime has them (``runtime`` ``auto`` or ``tf``;
+    ``auto`` always means the Keras model here).
     """
+    check_runtime(runtime)
+    kind = model.runtime if isinstance(model, Classifier) else runtime_of(model)  # a .tflite/.onnx file: theirs
+    if runtime not in ("auto", "tf") or kind != "tf" or (isinstance(model, Classifier) and model.model is None):
+        given = f"an exported {kind} model" if runtime in ("auto", "tf") else f"--runtime {runtime}"
+        raise UsageError(
+            "Grad-CAM needs gradients, which only the TensorFlow runtime computes: give the run directory or its "
+            f".keras model with --runtime tf (or auto), not {given}"
+        )
     opts = Rendering(heatmaps.check_options(colormap, alpha, layout, fmt), alpha, layout, fmt, save_heatmap, npy)
     get_method(method)
     if top_k < 1:
@@ -146,7 +158,11 @@ def gradcam(
     items = list_images(input, exclude=out_dir)
     if not items:
         warn(f"no images found in {input}")
-    classifier = model if isinstance(model, Classifier) else load_classifier(model, unsafe=unsafe_load, weights=weights)
+    classifier = (
+        model
+        if isinstance(model, Classifier)
+        else load_classifier(model, unsafe=unsafe_load, weights=weights, runtime="tf")
+    )
     names = classifier.class_names
     fixed = None
     if class_name is not None:
@@ -154,7 +170,7 @@ def gradcam(
             raise UsageError(f"--class {class_name!r} is not one of the model's classes: {', '.join(names)}")
         fixed = names.index(class_name)
     cams = CamModel(classifier, layer, method)
-    info(f"target layer {cams.layer_name}, method {method}", quiet)
+    info(f"target layer {cams.layer_name}, method {cams.method_name}", quiet)
     k = 1 if fixed is not None else min(top_k, classifier.num_classes)
     bases = output_bases(items)
     identity = {
@@ -162,7 +178,7 @@ def gradcam(
         "model": model_fingerprint(classifier),
         "settings": {
             "layer": cams.layer_name,
-            "method": method,
+            "method": cams.method_name,
             "class": class_name,
             "top_k": k,
             **dataclasses.asdict(opts),

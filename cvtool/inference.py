@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cvtool.batches import Batch, batched
+from cvtool.batches import Batch
 from cvtool.bundle import Classifier, ModelSet
+from cvtool.engines import EngineSettings, engine_batches
 from cvtool.errors import UsageError
 from cvtool.images import InputItem
 from cvtool.jobs import BatchJob, RunResult, model_fingerprint
@@ -82,8 +83,13 @@ def as_scorer(model: Scorer | Classifier) -> Scorer:
     return build_scorer([ModelSet([model], source=model.source)])
 
 
-def score_batches(scorer: Scorer, items: Iterable[InputItem], batch_size: int) -> Iterator[tuple[Batch, np.ndarray]]:
-    """Decode ``items`` in parallel and score them; yields each batch with its uncombined scores.
+def score_batches(
+    scorer: Scorer,
+    items: Iterable[InputItem],
+    batch_size: int,
+    engine: str | EngineSettings | None = None,
+) -> Iterator[tuple[Batch, np.ndarray]]:
+    """Decode ``items`` in parallel and score them; yields each batch with its uncombined scores, in input order.
 
     The scores are [images, members, views, classes]; :meth:`~cvtool.scoring.Scorer.reduce_views_then_members` turns
     them into [images, classes]. Evaluate keeps them apart to compare members and views.
@@ -92,15 +98,19 @@ def score_batches(scorer: Scorer, items: Iterable[InputItem], batch_size: int) -
         scorer: what decodes and scores the images.
         items: the images, in order.
         batch_size: images per batch (each brings its views).
+        engine: where the work runs (:mod:`cvtool.engines`: ``local`` threads here, or ``ray``); None:
+            ``$CVTOOL_ENGINE``, else local.
 
     Example: ``for batch, scores in score_batches(scorer, list_images("photos/"), 32): ...``.
     """
-    for batch in batched(items, scorer.decode, batch_size):
-        yield batch, scorer.member_probs(batch.payloads)
+    yield from engine_batches(scorer, items, batch_size, engine)
 
 
 def classify_batches(
-    scorer: Scorer | Classifier, items: Iterable[InputItem], batch_size: int
+    scorer: Scorer | Classifier,
+    items: Iterable[InputItem],
+    batch_size: int,
+    engine: str | EngineSettings | None = None,
 ) -> Iterator[tuple[Batch, np.ndarray]]:
     """Decode ``items`` in parallel and score them; yields each batch with its probabilities [images, classes].
 
@@ -108,11 +118,12 @@ def classify_batches(
         scorer: a scorer, or a classifier scored as predict does.
         items: the images, in order.
         batch_size: images per batch.
+        engine: where the work runs (see :func:`score_batches`).
 
     Example: ``for batch, probs in classify_batches(classifier, list_images("photos/"), 32): ...``.
     """
     scorer = as_scorer(scorer)
-    for batch, member_probs in score_batches(scorer, items, batch_size):
+    for batch, member_probs in score_batches(scorer, items, batch_size, engine):
         yield batch, scorer.reduce_views_then_members(member_probs)
 
 
@@ -162,6 +173,7 @@ def write_predictions(
     quiet: bool = False,
     input: str | Path = "",
     label_format: str = "name",
+    engine: str | EngineSettings | None = None,
 ) -> RunResult:
     """The predictions CSV and its errors CSV for ``items`` scored by ``scorer`` (predict, tta, ensemble).
 
@@ -177,6 +189,7 @@ def write_predictions(
         quiet: no progress bar or log lines.
         input: INPUT as given, for the "no images found" warning.
         label_format: ``name``, ``wnid`` or ``both`` (``imagenet:NAME`` models).
+        engine: where the work runs (see :func:`score_batches`); the rows are the same on every engine.
 
     Example: ``with BatchJob("preds.csv") as job: write_predictions(scorer, items, job, command="predict")``.
     """
@@ -191,7 +204,7 @@ def write_predictions(
     identity["settings"]["label_format"] = label_format
     todo = job.open(items, prediction_header(k), {"command": command, **identity})
     with Progress(len(todo), command, quiet) as progress:
-        for batch, probs in classify_batches(scorer, todo, batch_size):
+        for batch, probs in classify_batches(scorer, todo, batch_size, engine):
             job.fail_all(batch.failures)
             for item, p, idx in zip(batch.items, probs, top_k_indices(probs, k)):
                 job.write([item.rel, *prediction_cells(p, idx, names)])

@@ -1,11 +1,12 @@
 """Batch jobs that survive interruptions and split across machines: --resume, --shard K/N, signals.
 
 A :class:`BatchJob` is the output of a batch command (predict, tta, ensemble,
-gradcam, segment): a rows CSV, its errors CSV and a small JSON
-sidecar that records which model and options made them. While it runs, rows
-go to fixed partial names (``preds.csv.part``, ``preds.errors.csv.part``),
-flushed after every batch; at the end they are renamed into place. A killed
-run leaves only the partials, which ``--resume`` continues.
+gradcam, segment): a rows file (CSV, JSON Lines or Parquet: :mod:`cvtool.formats`),
+its errors file in the same format and a small JSON sidecar that records which
+model and options made them. While it runs, rows go to fixed partial names
+(``preds.csv.part``, ``preds.errors.csv.part``; CSV journals whatever the format),
+flushed after every batch; at the end they are converted if need be and renamed
+into place. A killed run leaves only the partials, which ``--resume`` continues.
 
 A job locks its output for the whole run (:mod:`cvtool.locks`: one writer per
 output), and a resumed run does the inputs the interrupted run started with
@@ -42,9 +43,10 @@ from pathlib import Path
 
 from cvtool import __version__
 from cvtool.errors import Interrupted, UnusableError, UsageError
+from cvtool.formats import count_rows, result_format
 from cvtool.images import InputItem
 from cvtool.locks import OutputLock
-from cvtool.outputs import CsvWriter, cell_path, count_rows, errors_path, path_cell, write_csv, write_json
+from cvtool.outputs import CsvWriter, cell_path, errors_path, path_cell, write_csv, write_json
 from cvtool.progress import warn
 from cvtool.storage import flushed, is_url
 
@@ -189,6 +191,11 @@ def model_fingerprint(model) -> str:
         weights = meta.get("weights")
         local = Path(weights) if weights and weights != "imagenet" else None
         return f"imagenet:{meta.get('model')}|weights=" + (_digest([local]) if local else "keras-imagenet")
+    if meta.get("artefact"):  # an export run by its runtime: the artefact, its labels and the runtime make the scores
+        artefact = Path(meta["artefact"])
+        files = _files_under(artefact) if artefact.is_dir() else [artefact]
+        extra = json.dumps([meta["class_names"], meta["image_size"], meta.get("runtime")]).encode("utf-8")
+        return _digest(files, extra, root=artefact.parent)
     folder = Path(spec)
     if folder.is_dir() and not (folder / META_FILE).exists() and not (folder / MODEL_FILE).exists():
         return _digest(_files_under(folder), root=folder)  # a SavedModel (segment)
@@ -228,7 +235,7 @@ def file_digest(path: str | os.PathLike | None) -> str | None:
 
 
 class BatchJob:
-    """The resumable, shardable output of a batch command: rows CSV, errors CSV, sidecar.
+    """The resumable, shardable output of a batch command: rows file, errors file, sidecar.
 
     Construct it first: it locks the output (:class:`cvtool.locks.OutputLock`; a
     second live writer is refused), refuses an existing output without
@@ -250,11 +257,15 @@ class BatchJob:
         errors: str | os.PathLike | None = None,
         grouped: bool = False,
         lock: str | os.PathLike | None = None,
+        format: str | None = None,
     ):
-        """``errors``: the errors CSV (default: beside ``out``); ``grouped``: several rows per input;
-        ``lock``: the output folder to lock, when the job writes more than ``out`` (gradcam, segment)."""
+        """``errors``: the errors file (default: beside ``out``); ``grouped``: several rows per input;
+        ``lock``: the output folder to lock, when the job writes more than ``out`` (gradcam, segment);
+        ``format``: ``csv``, ``jsonl`` or ``parquet`` (default: from ``out``'s suffix; see
+        :func:`cvtool.formats.result_format`), for the rows and the errors file alike."""
         self.out = Path(out)
-        self.errors = Path(errors) if errors is not None else errors_path(self.out)
+        self.format = result_format(self.out, format)  # a bad name or suffix is refused before anything else
+        self.errors = Path(errors) if errors is not None else errors_path(self.out, self.format.suffix)
         self.grouped = grouped
         self.sidecar = sidecar_path(self.out)
         self.parts = (partial_path(self.out), partial_path(self.errors))
@@ -302,7 +313,8 @@ class BatchJob:
         mine = take_shard(items, self.shard)
         if self.complete:
             self._check_same(identity, f"the finished {self.out}")
-            self.processed, self.failed = count_rows(self.out, self.grouped), count_rows(self.errors)
+            self.processed = count_rows(self.out, self.format, distinct=self.grouped)
+            self.failed = count_rows(self.errors, self.format)
             return []
         if self.resume and any(p.exists() for p in self.parts):
             self._check_same(identity, f"the interrupted run in {self.parts[0]}")
@@ -315,14 +327,15 @@ class BatchJob:
                 "format": SIDECAR_FORMAT,
                 **identity,
                 "errors": self.errors.name if self.errors.parent == self.out.parent else str(self.errors.resolve()),
+                "result_format": self.format.name,
                 "grouped": self.grouped,
                 "inputs": len(mine),
                 "cvtool": __version__,
                 "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             },
         )
-        self._rows = CsvWriter(self.out, header, partial=self.parts[0], resume=self.resume, grouped=self.grouped)
-        self._errs = CsvWriter(self.errors, ERRORS_HEADER, partial=self.parts[1], resume=self.resume)
+        self._rows = self.format(self.out, header, partial=self.parts[0], resume=self.resume, grouped=self.grouped)
+        self._errs = self.format(self.errors, ERRORS_HEADER, partial=self.parts[1], resume=self.resume)
         done = {cell_path(key) for key in self._rows.keys | self._errs.keys}
         self.processed, self.failed = self._rows.kept, self._errs.kept
         self.kept = self.processed + self.failed

@@ -1,7 +1,16 @@
 """Keras layers that cvtool builds into saved models.
 
 They are registered serializable classes (not Lambda layers), so models that
-contain them load with ``safe_mode=True``: importing cvtool is all it takes.
+contain them load with ``safe_mode=True``. Keras finds them once this module
+has been imported (``import cvtool`` alone does not import it)::
+
+    import keras
+    import cvtool.layers  # registers cvtool>Preprocess
+
+    model = keras.models.load_model("runs/clothes/model.keras")
+
+A model that must load with nothing of cvtool at all is exported instead
+(``cvtool export RUN --format saved_model|tflite|onnx``).
 """
 
 from __future__ import annotations

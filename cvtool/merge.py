@@ -1,6 +1,8 @@
-"""`cvtool merge`: shard CSVs (and their errors CSVs) combined into one, in input order.
+"""`cvtool merge`: shard results (and their errors files) combined into one, in input order.
 
-Each shard CSV written by a batch command has a sidecar (``preds.job.json``,
+Shards may be CSV, JSON Lines or Parquet, mixed (:mod:`cvtool.formats`); the
+merged file is written in the format of OUT (its suffix, or ``format``), its
+errors file too. Each shard written by a batch command has a sidecar (``preds.job.json``,
 see :mod:`cvtool.jobs`) that records the command, the model's fingerprint,
 the columns and the shard. Merging refuses shards made by different models or
 options, the same shard twice, an input present in two shards, and (unless
@@ -9,12 +11,12 @@ options, the same shard twice, an input present in two shards, and (unless
 
 from __future__ import annotations
 
-import csv
 import heapq
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cvtool.errors import UnusableError, UsageError
+from cvtool.formats import FORMATS, CsvWriter, result_format, stored_format
 from cvtool.jobs import (
     ERRORS_HEADER,
     IDENTITY_KEYS,
@@ -26,48 +28,54 @@ from cvtool.jobs import (
     sidecar_path,
 )
 from cvtool.locks import holds_output_lock
-from cvtool.outputs import CsvWriter, cell_path, check_writable, errors_path, write_json
+from cvtool.outputs import cell_path, check_writable, errors_path, write_json
 from cvtool.storage import fetch_with_siblings, is_url, local_path, redact, remote_of, stages_output
 
 
-def _rows(path: Path, header: Sequence[str] | None, kind: int, source: int) -> Iterator[tuple]:
+def _rows(path: Path, format: type[CsvWriter], header: Sequence[str] | None, kind: int, source: int) -> Iterator[tuple]:
     """(input path, kind, source, row) for each row of ``path``, checking the file is in input order.
 
-    The input path is the path cell read back (:func:`cvtool.outputs.cell_path`): input order is
-    the order of the file names, which an escaped cell need not keep.
+    Rows are read as CSV cell text whatever ``format`` the file is in. The input path is the path
+    cell read back (:func:`cvtool.outputs.cell_path`): input order is the order of the file names,
+    which an escaped cell need not keep.
     """
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        first = next(reader, None)
-        if first is None or (header is not None and first != list(header)):
-            raise UnusableError(f"{path} does not have the columns its {sidecar_path(path).name} records")
-        last = None
-        for row in reader:
-            if not row:
-                continue
-            key = cell_path(row[0])
-            if last is not None and key < last:
-                raise UnusableError(f"{path} is not in input order at {row[0]!r}; was it edited?")
-            last = key
-            yield key, kind, source, row
+    reader = format.read(path)
+    first = next(reader, None)
+    if first is None and format.name == "jsonl":
+        return  # an empty JSON Lines file: no rows, and no keys to check
+    if first is None or (header is not None and first != list(header)):
+        raise UnusableError(f"{path} does not have the columns its {sidecar_path(path).name} records")
+    last = None
+    for row in reader:
+        key = cell_path(row[0])
+        if last is not None and key < last:
+            raise UnusableError(f"{path} is not in input order at {row[0]!r}; was it edited?")
+        last = key
+        yield key, kind, source, row
 
 
 def _key(shard) -> str | Path:
-    return shard if is_url(shard) else Path(shard).resolve()
+    return redact(shard) if is_url(shard) else Path(shard).resolve()
 
 
-def _errors_of_named(path, named: set) -> bool:
-    """Is ``path`` (a path or URL) the errors CSV of another CSV given on the command line?"""
-    if is_url(path):
-        return path[: -len(".errors.csv")] + ".csv" in named
-    owner = Path(path).with_name(Path(path).name[: -len(".errors.csv")] + ".csv")
-    return owner.resolve() in named
+def _companion_names(name: str) -> list[str]:
+    """The file names that travel with a shard named ``name``: its errors file (in any format) and its sidecar."""
+    return [*(errors_path(name, FORMATS.get(fmt).suffix).name for fmt in FORMATS), sidecar_path(name).name]
+
+
+def _companions(shard) -> set:
+    """A shard's companions (:func:`_companion_names`) as :func:`_key` gives them, for a path or a URL."""
+    if is_url(shard):
+        folder, name = str(shard).rsplit("/", 1)
+        return {redact(f"{folder}/{n}") for n in _companion_names(name)}
+    shard = Path(shard)
+    return {(shard.parent / n).resolve() for n in _companion_names(shard.name)}
 
 
 def _family(url: str) -> set[str]:
     """A shard or output URL with its errors CSV and job file, without secrets."""
     folder, name = url.rsplit("/", 1)
-    return {redact(f"{folder}/{n}") for n in (name, errors_path(name).name, sidecar_path(name).name)}
+    return {redact(f"{folder}/{n}") for n in (name, *_companion_names(name))}
 
 
 def _fetch_shard(url: str, out) -> Path:
@@ -77,7 +85,7 @@ def _fetch_shard(url: str, out) -> Path:
             f"{redact(out)} would overwrite {redact(url)} or its errors/job files; write the merge to another file"
         )
     name = url.rsplit("/", 1)[1]
-    siblings = [errors_path(name).name, sidecar_path(name).name]
+    siblings = _companion_names(name)
     local = fetch_with_siblings(url, siblings)
     recorded = (read_sidecar(local) or {}).get("errors")
     if isinstance(recorded, str) and recorded and "/" not in recorded and recorded not in siblings:
@@ -88,47 +96,56 @@ def _fetch_shard(url: str, out) -> Path:
 @stages_output("out")
 @holds_output_lock("out")
 def merge(
-    out: str | Path, shards: Sequence[str | Path], *, overwrite: bool = False, partial: bool = False
+    out: str | Path,
+    shards: Sequence[str | Path],
+    *,
+    overwrite: bool = False,
+    partial: bool = False,
+    format: str | None = None,
 ) -> RunResult:
-    """Write ``out`` and its errors CSV from ``shards``; rows sorted by path as ``list_images`` orders them.
+    """Write ``out`` and its errors file from ``shards``; rows sorted by path as ``list_images`` orders them.
 
     ``out`` comes first, as on the command line (``cvtool merge OUT SHARD...``).
 
     Args:
-        out: the combined CSV to write (its errors CSV and sidecar go beside it).
-        shards: the shard CSVs (their errors CSVs travel with them; naming them too is harmless).
+        out: the combined file to write (its errors file and sidecar go beside it).
+        shards: the shard files, CSV, JSON Lines or Parquet (their errors files travel with them;
+            naming them too is harmless).
         overwrite: replace an existing ``out``.
         partial: merge even if some shards of K/N are missing.
+        format: ``csv``, ``jsonl`` or ``parquet``; default: from ``out``'s suffix.
 
     Example: ``merge("preds.csv", sorted(Path("parts").glob("part-*.csv")))``.
     """
     out = Path(out)
     out_shown = remote_of(out)  # a remote OUT is written through a local staging copy (cvtool.storage)
+    out_format = result_format(out, format)
+    err_out = errors_path(out, out_format.suffix)
     given = [local_path(str(s)) if isinstance(s, str) else s for s in shards]
-    # A shell glob such as part-*.csv also matches each shard's errors CSV: those travel with their shard.
-    named = {_key(s) for s in given}
-    given = [s for s in given if not (str(s).endswith(".errors.csv") and _errors_of_named(s, named))]
+    # A shell glob such as part-* also matches each shard's errors file and sidecar: those travel with their shard.
+    companions = {c for s in given for c in _companions(s)}
+    given = [s for s in given if _key(s) not in companions]
     if not given:
-        raise UsageError("give at least one shard CSV to merge")
+        raise UsageError("give at least one shard file to merge")
     shown: dict[Path, str] = {}  # local copy -> the shard as given (a URL's copy lies in the cache)
     shards = []
     for s in given:
         local = _fetch_shard(s, out_shown) if is_url(s) else Path(s)
-        shown[local] = str(s)
+        shown[local] = redact(str(s))
         shards.append(local)
     metas = []
     for shard in shards:
         if not shard.is_file():
-            raise UsageError(f"shard CSV not found: {shown[shard]}")
-        written = {p.resolve() for p in (out, errors_path(out), sidecar_path(out))}
-        if written & {p.resolve() for p in (shard, errors_path(shard), sidecar_path(shard))}:
+            raise UsageError(f"shard file not found: {shown[shard]}")
+        written = {p.resolve() for p in (out, err_out, sidecar_path(out))}
+        if written & {shard.resolve(), *_companions(shard)}:
             raise UsageError(
                 f"{out_shown} would overwrite {shown[shard]} or its errors/job files; write the merge to another file"
             )
         meta = read_sidecar(shard)
         if meta is None or meta.get("format") != SIDECAR_FORMAT or not isinstance(meta.get("header"), list):
             raise UnusableError(
-                f"{shown[shard]} has no readable {sidecar_path(shard).name} beside it; only CSVs written by cvtool "
+                f"{shown[shard]} has no readable {sidecar_path(shard).name} beside it; only results written by cvtool "
                 "(with the sidecar that records the model) can be merged"
             )
         metas.append(meta)
@@ -141,16 +158,16 @@ def merge(
             )
     _check_shard_set(shards, metas, partial)
     check_writable(out, overwrite)
-    err_out = errors_path(out)
     check_writable(err_out, True)
     streams = []
     for n, (shard, meta) in enumerate(zip(shards, metas)):
-        streams.append(_rows(shard, first["header"], 0, n))
+        fmt = stored_format(shard, meta.get("result_format"))
+        streams.append(_rows(shard, fmt, first["header"], 0, n))
         errs = shard_errors(shard, meta)
         if errs.exists():
-            streams.append(_rows(errs, ERRORS_HEADER, 1, n))
+            streams.append(_rows(errs, stored_format(errs, meta.get("result_format")), ERRORS_HEADER, 1, n))
     processed = failed = 0
-    with CsvWriter(out, first["header"]) as rows, CsvWriter(err_out, ERRORS_HEADER) as errors:
+    with out_format(out, first["header"]) as rows, out_format(err_out, ERRORS_HEADER) as errors:
         previous = None  # (path, kind, shard) of the last row: an input's several rows come from one shard's CSV
         for key, kind, source, row in heapq.merge(*streams, key=lambda t: t[0]):
             if previous is not None and key == previous[0] and (kind, source) != previous[1:]:
@@ -170,7 +187,8 @@ def merge(
             **{key: first.get(key) for key in IDENTITY_KEYS},
             "shard": None,
             "grouped": bool(first.get("grouped")),
-            "merged_from": [redact(shown.get(s, str(s))) for s in shards],
+            "result_format": out_format.name,
+            "merged_from": [shown.get(s, str(s)) for s in shards],
             "inputs": processed + failed,
             "cvtool": first.get("cvtool"),
         },
@@ -179,12 +197,12 @@ def merge(
 
 
 def shard_errors(shard: Path, meta: dict) -> Path:
-    """The errors CSV of a shard: as its sidecar records (``DIR/errors.csv`` for gradcam, segment), else beside it."""
+    """The errors file of a shard: as its sidecar records (``DIR/errors.csv`` for gradcam, segment), else beside it."""
     name = meta.get("errors")
     if isinstance(name, str) and name:
         path = Path(name)
         return path if path.is_absolute() else shard.parent / path
-    return errors_path(shard)
+    return errors_path(shard, stored_format(shard, meta.get("result_format")).suffix)
 
 
 def _check_shard_set(shards: list[Path], metas: list[dict], partial: bool) -> None:

@@ -86,3 +86,33 @@ def summarise(y_true, y_pred, true_rank, p_true, class_names: Sequence[str], ran
         "top_k_accuracy": {str(k): rank_accuracy(true_rank, k) for k in ranks if k <= len(class_names)},
         **per_class_report(cm, class_names),
     }, cm
+
+
+CALIBRATION_BINS = 15
+
+
+def calibration(confidence, correct, bins: int = CALIBRATION_BINS) -> dict:
+    """Expected calibration error and its reliability table, over ``bins`` equal-width confidence bins.
+
+    ``confidence`` is each prediction's top-1 probability, ``correct`` whether it was right. Bin ``b``
+    holds confidences in ``(b / bins, (b + 1) / bins]`` (the first bin also holds 0). ECE is the
+    sample-weighted mean of ``|accuracy - mean confidence|`` over the bins (Guo et al. 2017).
+
+    Example: ``calibration([0.9, 0.6], [True, False])["ece"]`` is 0.35.
+    """
+    conf = np.clip(np.asarray(confidence, float), 0.0, 1.0)
+    hit = np.asarray(correct, bool)
+    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        accuracy = np.where(count > 0, np.bincount(which, hit, bins) / count, 0.0)
+        mean_conf = np.where(count > 0, np.bincount(which, conf, bins) / count, 0.0)
+    n = int(count.sum())
+    ece = float(np.sum(count * np.abs(accuracy - mean_conf)) / n) if n else 0.0
+    return {
+        "ece": ece,
+        "bins": bins,
+        "bin_count": count.astype(int).tolist(),
+        "bin_accuracy": [float(a) for a in accuracy],
+        "bin_confidence": [float(c) for c in mean_conf],
+    }

@@ -21,10 +21,13 @@ from typing import Any
 from cvtool.errors import UsageError
 
 
-def errors_path(out: str | os.PathLike) -> Path:
-    """``preds.csv`` -> ``preds.errors.csv``: the errors file beside an output CSV."""
+def errors_path(out: str | os.PathLike, suffix: str = ".csv") -> Path:
+    """``preds.csv`` -> ``preds.errors.csv``: the errors file beside an output, in its format (``suffix``).
+
+    ``errors_path("preds.parquet", ".parquet")`` is ``preds.errors.parquet``.
+    """
     out = Path(out)
-    return out.with_name(out.stem + ".errors.csv")
+    return out.with_name(out.stem + ".errors" + suffix)
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -116,7 +119,14 @@ class CsvWriter:
     resumable: leaving with an exception keeps the partial file, and ``resume``
     reopens an existing one, keeping its complete rows (a line torn by a kill
     is dropped). ``kept`` counts them and ``keys`` holds their first cells.
+
+    This CSV file is also the journal of every other result format
+    (:mod:`cvtool.formats`): their writers subclass it and convert the finished
+    journal in :meth:`_publish`, so resuming works the same for all of them.
     """
+
+    name = "csv"  # the result format (cvtool.formats.FORMATS)
+    suffix = ".csv"
 
     def __init__(
         self,
@@ -127,6 +137,7 @@ class CsvWriter:
         grouped: bool = False,
     ):
         self.path = Path(path)
+        self.header = list(header)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.keep_partial = partial is not None
         self.tmp = Path(partial) if partial is not None else temp_path(self.path)
@@ -186,11 +197,24 @@ class CsvWriter:
         self._file.flush()
 
     def commit(self) -> Path:
+        """Put the finished rows at ``path`` (all of them, or, if this fails, nothing there)."""
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.tmp, self.path)
+        self._publish()
         return self.path
+
+    def _publish(self) -> None:
+        """The journal is the CSV: rename it into place. Other formats convert it (:mod:`cvtool.formats`)."""
+        os.replace(self.tmp, self.path)
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> Iterator[list[str]]:
+        """The header, then each row of a CSV written by this class, as its cells' text."""
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.reader(f):
+                if row:
+                    yield row
 
     def close(self) -> None:
         """Close without committing, keeping a resumable partial file."""
@@ -213,19 +237,6 @@ class CsvWriter:
             self.close()
         else:
             self.discard()
-
-
-def count_rows(path: str | os.PathLike, distinct: bool = False) -> int:
-    """Data rows of a CSV written by :class:`CsvWriter` (0 if it does not exist); ``distinct``: distinct first cells."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        next(reader, None)
-        if distinct:
-            return len({row[0] for row in reader if row})
-        return sum(1 for _ in reader)
 
 
 @contextmanager

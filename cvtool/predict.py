@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cvtool.bundle import Classifier
+from cvtool.engines import EngineSettings
 from cvtool.images import list_images
 from cvtool.inference import write_predictions
 from cvtool.jobs import BatchJob, RunResult, Shard
@@ -31,8 +32,11 @@ def predict(
     unsafe_load: bool = False,
     label_format: str = "name",
     weights: str | Path | None = None,
+    runtime: str = "auto",
     resume: bool = False,
     shard: str | Shard | None = None,
+    format: str | None = None,
+    engine: str | EngineSettings | None = None,
 ) -> RunResult:
     """Write ``out`` (path,label,score,label_2,score_2,...) for every image under ``input``.
 
@@ -43,7 +47,7 @@ def predict(
         model: a run directory, a ``.keras`` file, ``imagenet:NAME``, an ensemble run directory (its
             members are combined by its manifest's rule), or a loaded classifier or scorer.
         input: an image file, or a folder searched recursively.
-        out: the predictions CSV to write.
+        out: the predictions file to write (``.csv``, ``.jsonl`` or ``.parquet``).
         top_k: classes per row (capped at the class count).
         batch_size: images per batch.
         overwrite: replace an existing ``out``.
@@ -51,18 +55,25 @@ def predict(
         unsafe_load: allow models with Lambda layers or custom code.
         label_format: ``name``, ``wnid`` or ``both``, for ``imagenet:NAME`` models.
         weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
+        runtime: what runs the model: ``auto`` (a run's fastest export, else TF), ``tf``, ``tflite``, ``onnx``.
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
+        format: ``csv``, ``jsonl`` or ``parquet`` (default: from ``out``'s suffix; see :mod:`cvtool.formats`).
+        engine: where the scoring runs: ``local`` or ``ray`` (:mod:`cvtool.engines`); None: ``$CVTOOL_ENGINE``.
 
     Example: ``predict("runs/clothes", "incoming/", "preds.csv", top_k=1)``.
     """
     from cvtool.imagenet import check_label_format
 
     check_label_format(label_format)
-    job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard)
+    job = BatchJob(out, overwrite=overwrite, resume=resume, shard=shard, format=format)
     with job:
         items = list_images(input)
-        scorer = model if isinstance(model, Scorer) else load_scorer(model, unsafe=unsafe_load, weights=weights)
+        scorer = (
+            model
+            if isinstance(model, Scorer)
+            else load_scorer(model, unsafe=unsafe_load, weights=weights, runtime=runtime)
+        )
         return write_predictions(
             scorer,
             items,
@@ -73,4 +84,5 @@ def predict(
             quiet=quiet,
             input=input,
             label_format=label_format,
+            engine=engine,
         )

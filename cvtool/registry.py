@@ -46,30 +46,37 @@ class Registry:
     def __init__(self, option: str):
         self.option = option
         self._entries: dict[str, Entry] = {}
+        self._aliases: dict[str, str] = {}  # alias -> name
 
-    def register(self, name: str, *, help: str, **info: Any) -> Callable[[Callable], Callable]:
+    def register(
+        self, name: str, *, help: str, aliases: tuple[str, ...] = (), **info: Any
+    ) -> Callable[[Callable], Callable]:
         """Decorator: record the function under ``name`` with its one-line ``help`` and extra ``info``.
 
         Args:
             name: the name given on the command line.
             help: what the variant does, shown in ``--help``.
+            aliases: older names that still select it (shown in ``--help``; the entry keeps ``name``).
             **info: facts callers need (e.g. ``views=`` for TTA transforms).
 
         Example: ``@RULES.register("mean", help="arithmetic mean")``.
         """
 
         def add(func: Callable) -> Callable:
-            if name in self._entries:
-                raise ValueError(f"{self.option} {name!r} is registered twice")
-            self._entries[name] = Entry(name, func, help, info)
+            for key in (name, *aliases):
+                if key in self._entries or key in self._aliases:
+                    raise ValueError(f"{self.option} {key!r} is registered twice")
+            self._entries[name] = Entry(name, func, help, {**info, "aliases": tuple(aliases)})
+            self._aliases.update(dict.fromkeys(aliases, name))
             return func
 
         return add
 
     def entry(self, name: str) -> Entry:
-        """The entry called ``name``; an unknown name is a :class:`~cvtool.errors.UsageError` listing the choices."""
+        """The entry called ``name`` (or an alias of it); an unknown name is a
+        :class:`~cvtool.errors.UsageError` listing the choices."""
         try:
-            return self._entries[name]
+            return self._entries[self._aliases.get(name, name)]
         except KeyError:
             raise UsageError(f"unknown {self.option} {name!r}; choose from {', '.join(self._entries)}") from None
 
@@ -88,13 +95,19 @@ class Registry:
 
     def described(self) -> str:
         """Each name with its help: ``"a (does x), b (does y)"``, for ``--help``."""
-        return ", ".join(f"{e.name} ({e.help})" if e.help else e.name for e in self._entries.values())
+        return ", ".join(_described(e) for e in self._entries.values())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._aliases
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _described(e: Entry) -> str:
+    aliases = e.info.get("aliases") or ()
+    notes = [*(f"alias {a}" for a in aliases), *([e.help] if e.help else [])]
+    return f"{e.name} ({'; '.join(notes)})" if notes else e.name

@@ -151,7 +151,11 @@ def align(classifiers: Sequence[Classifier]) -> list[Member]:
 
 
 def load_model_sets(
-    specs: Sequence[str | Path | Classifier], unsafe: bool = False, weights: str | Path | None = None
+    specs: Sequence[str | Path | Classifier],
+    unsafe: bool = False,
+    weights: str | Path | None = None,
+    *,
+    runtime: str = "auto",
 ) -> list[ModelSet]:
     """Load every MODEL argument; ``weights`` is for the ``imagenet:NAME`` ones.
 
@@ -162,6 +166,7 @@ def load_model_sets(
         specs: run directories, ``.keras`` files, ``imagenet:NAME`` names or loaded classifiers.
         unsafe: allow models with Lambda layers or custom code.
         weights: a local weights file or folder for ``imagenet:NAME`` models.
+        runtime: what runs each model: ``auto``, ``tf``, ``tflite`` or ``onnx`` (:func:`cvtool.bundle.choose_export`).
 
     Example: ``load_model_sets(["imagenet:resnet50", "imagenet:vgg16"], weights="weights/")``.
     """
@@ -181,7 +186,7 @@ def load_model_sets(
     return [
         ModelSet([s], source=s.source)
         if isinstance(s, Classifier)
-        else load_models(s, unsafe, weights if takes_weights(s) else None)
+        else load_models(s, unsafe, weights if takes_weights(s) else None, runtime=runtime)
         for s in specs
     ]
 
@@ -217,14 +222,17 @@ def build_scorer(
     return scorer
 
 
-def load_scorer(model: str | Path | Classifier, unsafe: bool = False, weights: str | Path | None = None) -> Scorer:
+def load_scorer(
+    model: str | Path | Classifier, unsafe: bool = False, weights: str | Path | None = None, *, runtime: str = "auto"
+) -> Scorer:
     """The scorer for one MODEL argument: a model, or an ensemble run directory with its own rule.
 
     Args:
         model: a run directory, ``.keras`` file, ``imagenet:NAME``, ensemble run directory or classifier.
         unsafe: allow models with Lambda layers or custom code.
         weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
+        runtime: what runs the model: ``auto``, ``tf``, ``tflite`` or ``onnx``.
 
     Example: ``load_scorer("runs/ens").score(payloads)``.
     """
-    return build_scorer(load_model_sets([model], unsafe, weights))
+    return build_scorer(load_model_sets([model], unsafe, weights, runtime=runtime))

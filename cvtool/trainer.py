@@ -49,6 +49,7 @@ from cvtool.callbacks import (
     RecalibrateBatchNorm,
     ResumePoint,
     ValidationScores,
+    acting_on,
     format_logs,
     read_resume_point,
     tensorboard,
@@ -58,6 +59,7 @@ from cvtool.data import LAYOUTS
 from cvtool.errors import UnusableError, UsageError
 from cvtool.outputs import path_cell, write_csv
 from cvtool.progress import info, warn
+from cvtool.report import FILES_DIR, PAGE_FILE
 from cvtool.runtime import keras
 from cvtool.storage import fetch, is_url, redact
 
@@ -95,7 +97,18 @@ def make_loss(label_smoothing: float = 0.0):
 
 
 # What a run directory holds (cvtool's own files): replaced together by --overwrite; anything else is kept.
-RUN_ENTRIES = (MODEL_FILE, META_FILE, HISTORY_FILE, "history.png", ERRORS_FILE, CHECKPOINT_DIR, LOG_DIR, HUB_DIR)
+RUN_ENTRIES = (
+    MODEL_FILE,
+    META_FILE,
+    HISTORY_FILE,
+    "history.png",
+    ERRORS_FILE,
+    CHECKPOINT_DIR,
+    LOG_DIR,
+    HUB_DIR,
+    PAGE_FILE,
+    FILES_DIR,
+)
 
 
 class RunFolder:
@@ -358,6 +371,12 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.phase: str | None = None
         self.board = None  # the current fit's TensorBoard writer
+        self.report = None
+        if getattr(cfg, "report", True):
+            from cvtool.training_report import TrainingReport
+
+            self.report = TrainingReport(self)
+            self.report.start()
 
     @property
     def run_dir(self) -> Path:
@@ -392,19 +411,20 @@ class Trainer:
         with self.strategy.scope():
             return load_keras_model(self.run_dir / CHECKPOINT_DIR / state["model"], compile=True)
 
-    def compile(self, model, lr: float) -> None:
+    def compile(self, model, lr: float, optimizer=None) -> None:
+        """Compile with the run's optimizer (a new one at ``lr``, or ``optimizer``), loss and accuracy."""
         with self.strategy.scope():
             model.compile(
-                optimizer=make_optimizer(self.cfg.optimizer, lr),
+                optimizer=optimizer or make_optimizer(self.cfg.optimizer, lr),
                 loss=make_loss(self.cfg.label_smoothing),
                 metrics=["accuracy"],
             )
 
-    def datasets(self, augment: bool = True):
+    def datasets(self, augment: bool = True, data: TrainingData | None = None):
         """(train, calibration) tf.data pipelines; validation reads the decoded images (:class:`ValidationScores`)."""
         from cvtool.data import training_dataset
 
-        cfg, data = self.cfg, self.data
+        cfg, data = self.cfg, data or self.data
         batch = cfg.batch_size * self.strategy.num_replicas_in_sync
         augmenter = build_augmenter(cfg.augment, data.image_size, cfg.seed) if augment else None
         n = data.num_classes
@@ -412,12 +432,27 @@ class Trainer:
         calibration = training_dataset(data.train_set, batch, True, cfg.seed + 1, None, n)
         return train_ds, calibration
 
-    def fit(self, model, until: int, phase: str | None = None, augment: bool = True) -> None:
-        """Train ``model`` (compiled) from the current epoch up to epoch ``until`` (1-based, inclusive)."""
+    def fit(
+        self,
+        model,
+        until: int,
+        phase: str | None = None,
+        augment: bool = True,
+        *,
+        data: TrainingData | None = None,
+        saved=None,
+    ) -> None:
+        """Train ``model`` (compiled) from the current epoch up to epoch ``until`` (1-based, inclusive).
+
+        ``data`` replaces the run's data for this call and ``saved`` is the model that
+        model.keras, the checkpoints and the resume point hold: finetune's head trained on
+        cached features (:mod:`cvtool.cached_features`) saves the full classifier it is part of.
+        """
         if until <= self.epoch:
             return
-        train_ds, calibration = self.datasets(augment)
-        steps = math.ceil(len(self.data.train_set.labels) / (self.cfg.batch_size * self.strategy.num_replicas_in_sync))
+        data = data or self.data
+        train_ds, calibration = self.datasets(augment, data)
+        steps = math.ceil(len(data.train_set.labels) / (self.cfg.batch_size * self.strategy.num_replicas_in_sync))
         if phase != self.phase:
             self.stopper.wait = 0
             self.phase = phase
@@ -429,7 +464,7 @@ class Trainer:
         # Order matters: recalibrate BN, then validate that model, then everything that reads val_* or saves it.
         callbacks = [
             RecalibrateBatchNorm(calibration),
-            ValidationScores(self.data.val_set.images, self.data.val_set.labels, self.cfg.batch_size),
+            ValidationScores(data.val_set.images, data.val_set.labels, self.cfg.batch_size),
             self.history,
             self.saver,
             self.checkpointer,
@@ -437,8 +472,15 @@ class Trainer:
             self.board,
             self.logger,
             self.resume_point,
-            PublishRun(self),  # last: after every file of the first epoch is saved
+            PublishRun(self),  # after every file of the first epoch is saved
+            ReportWriter(self),  # last: the page shows this epoch's history, in the published folder
         ]
+        pinned = (self.saver, self.checkpointer, self.resume_point) if saved is not None else ()
+        with acting_on(saved, pinned):
+            self._run_loop(model, train_ds, until, callbacks, steps)
+        self.epoch = self.stopper.last_epoch
+
+    def _run_loop(self, model, train_ds, until: int, callbacks: list, steps: int) -> None:
         if self.cfg.loop == "custom":
             from cvtool.loop import custom_fit
 
@@ -461,7 +503,6 @@ class Trainer:
                 verbose=0,
                 shuffle=False,
             )
-        self.epoch = self.stopper.last_epoch
 
     def metrics(self) -> dict:
         return {"monitor": self.monitor, "best_epoch": self.saver.best_epoch, **self.saver.best_logs}
@@ -482,6 +523,18 @@ class PublishRun(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.trainer.publish()
+
+
+class ReportWriter(keras.callbacks.Callback):
+    """Rewrites RUN/report.html at the end of every epoch (:class:`cvtool.training_report.TrainingReport`)."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.trainer = trainer
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.trainer.report is not None:
+            self.trainer.report.write()
 
 
 def _relocate(callback, old: Path, new: Path) -> None:
@@ -528,7 +581,9 @@ def write_run_meta(
         "metrics": trainer.metrics(),
     }
     write_meta(trainer.run_dir, meta)
-    plot_history(trainer.run_dir)
+    plot_history(trainer.run_dir, best_epoch=trainer.saver.best_epoch)
+    if trainer.report is not None:
+        trainer.report.write(final=True)
     return meta
 
 
@@ -552,8 +607,8 @@ class precision_scope:
         keras.mixed_precision.set_global_policy(self.previous)
 
 
-def plot_history(run_dir: Path) -> Path | None:
-    """history.png: loss and accuracy curves, train and validation (fine-tuning phases marked)."""
+def plot_history(run_dir: Path, best_epoch: int = 0) -> Path | None:
+    """history.png: loss and accuracy curves, train and validation (fine-tuning phases and ``best_epoch`` marked)."""
     import csv
 
     path = Path(run_dir) / HISTORY_FILE
@@ -567,6 +622,7 @@ def plot_history(run_dir: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from cvtool.outputs import save_figure
 
@@ -580,7 +636,12 @@ def plot_history(run_dir: Path) -> Path | None:
                 ax.plot(epochs, values, style, label=key)
         for start in phase_starts:
             ax.axvline(start - 0.5, color="grey", linestyle=":", label="fine-tuning starts")
+        if best_epoch:
+            ax.axvline(
+                best_epoch, color="#2e7d32", linestyle="-", alpha=0.4, linewidth=3, label=f"best epoch ({best_epoch})"
+            )
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(metric)
         ax.legend()
         ax.grid(alpha=0.3)

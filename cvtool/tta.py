@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from cvtool.bundle import Classifier
+from cvtool.engines import EngineSettings
 from cvtool.errors import UsageError
 from cvtool.images import list_images, resize
 from cvtool.inference import write_predictions
@@ -216,8 +217,11 @@ def tta(
     unsafe_load: bool = False,
     label_format: str = "name",
     weights: str | Path | None = None,
+    runtime: str = "auto",
     resume: bool = False,
     shard: str | Shard | None = None,
+    format: str | None = None,
+    engine: str | EngineSettings | None = None,
 ) -> RunResult:
     """Write predictions reduced (``options.reduce``) over the TTA views of every image under ``input``.
 
@@ -226,7 +230,7 @@ def tta(
     Args:
         model: a run directory, a ``.keras`` file, ``imagenet:NAME``, an ensemble run directory, or a classifier.
         input: an image file, or a folder searched recursively.
-        out: the predictions CSV to write.
+        out: the predictions file to write (``.csv``, ``.jsonl`` or ``.parquet``).
         options: which views and how they are reduced (default: identity and hflip, mean).
         top_k: classes per row (capped at the class count).
         batch_size: images per batch (each brings its views).
@@ -235,15 +239,18 @@ def tta(
         unsafe_load: allow models with Lambda layers or custom code.
         label_format: ``name``, ``wnid`` or ``both``, for ``imagenet:NAME`` models.
         weights: a local weights file (or folder) for an ``imagenet:NAME`` model.
+        runtime: what runs the model: ``auto`` (a run's fastest export, else TF), ``tf``, ``tflite``, ``onnx``.
         resume: continue an interrupted run from ``out``'s partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
+        format: ``csv``, ``jsonl`` or ``parquet`` (default: from ``out``'s suffix; see :mod:`cvtool.formats`).
+        engine: where the scoring runs: ``local`` or ``ray`` (:mod:`cvtool.engines`); None: ``$CVTOOL_ENGINE``.
 
     Example: ``tta("runs/clothes", "incoming/", "preds.csv", options=TtaOptions(transforms=("identity", "crop")))``.
     """
     options = options or TtaOptions()
-    with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard) as job:
+    with BatchJob(out, overwrite=overwrite, resume=resume, shard=shard, format=format) as job:
         items = list_images(input)
-        scorer = apply_tta(load_scorer(model, unsafe=unsafe_load, weights=weights), options)
+        scorer = apply_tta(load_scorer(model, unsafe=unsafe_load, weights=weights, runtime=runtime), options)
         return write_predictions(
             scorer,
             items,
@@ -254,4 +261,5 @@ def tta(
             quiet=quiet,
             input=input,
             label_format=label_format,
+            engine=engine,
         )

@@ -16,6 +16,7 @@ from cvtool.cam import METHODS
 from cvtool.cli import COMMAND_ORDER, app
 from cvtool.imagenet import LABEL_FORMATS
 from cvtool.rules import ENSEMBLE_RULES, VIEW_REDUCERS
+from cvtool.runtimes import RUNTIMES
 from cvtool.tta import TRANSFORMS
 from tests.conftest import colour_image
 
@@ -45,6 +46,7 @@ REGISTERED = [
     ("evaluate", "--rule", ENSEMBLE_RULES, {"weighted": ["--rule-weights", "1,1"]}),
     ("gradcam", "--method", METHODS, {}),
     ("predict", "--label-format", LABEL_FORMATS, {}),
+    ("predict", "--runtime", RUNTIMES, {}),
 ]
 
 

@@ -85,7 +85,12 @@ def test_finetune_loads_local_weights_keeps_frozen_layers_identical(colour_data,
 
     meta = json.loads((run / "cvtool.json").read_text())
     assert meta["backbone"] == BACKBONE and meta["weights"] == str(backbone_weights)
-    assert meta["phases"] == {"head_epochs": 1, "fine_tune_epochs": 1, "unfrozen_layers": UNFREEZE}
+    assert meta["phases"] == {
+        "head_epochs": 1,
+        "fine_tune_epochs": 1,
+        "unfrozen_layers": UNFREEZE,
+        "head_on_cached_features": False,  # --hflip is on by default: the head phase is augmented
+    }
 
     preds = tmp_path / "preds.csv"
     result = runner.invoke(app, ["predict", str(run), str(colour_data / "validation"), "--out", str(preds), "-q"])

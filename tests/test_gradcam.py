@@ -102,7 +102,7 @@ def object_run(tmp_path_factory):
     return run, test_dir, boxes
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "guided"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "positive-gradients", "guided-gradcam"])
 def test_heatmap_peak_falls_on_the_object(object_run, tmp_path, method):
     from cvtool.gradcam import gradcam
 
@@ -119,6 +119,70 @@ def test_heatmap_peak_falls_on_the_object(object_run, tmp_path, method):
         margin = 2  # one feature-map cell is 3 x 2.5 input pixels
         hits += x0 - margin <= px < x1 + margin and y0 - margin <= py < y1 + margin
     assert hits >= 0.85 * len(boxes), f"{method}: peak on the object in {hits}/{len(boxes)} images"
+
+
+def test_guided_relu_passes_gradients_only_where_input_and_gradient_are_positive():
+    import tensorflow as tf
+
+    from cvtool.guided_backprop import guided_relu
+
+    x = tf.constant([-2.0, -1.0, 0.5, 1.0, 3.0, 7.0])
+    dy = tf.constant([1.0, -1.0, 2.0, -3.0, 4.0, 5.0])
+    for cap, want_y, want_grad in (
+        (None, [0, 0, 0.5, 1, 3, 7], [0, 0, 2, 0, 4, 5]),
+        (6.0, [0, 0, 0.5, 1, 3, 6], [0, 0, 2, 0, 4, 0]),  # ReLU6: no gradient above the cap either
+    ):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = guided_relu(x, max_value=cap)
+        np.testing.assert_allclose(y.numpy(), want_y)
+        np.testing.assert_allclose(tape.gradient(y, x, output_gradients=dy).numpy(), want_grad)
+
+
+def test_guided_gradcam_is_pixel_sharp_and_differs_from_gradcam(object_run, tmp_path):
+    from cvtool.bundle import load_classifier
+    from cvtool.cam import CamModel
+    from cvtool.guided_backprop import guided_clone
+    from cvtool.images import list_images, load_image
+
+    run, test_dir, boxes = object_run
+    clf = load_classifier(run)
+    items = list_images(test_dir)[::4]
+    images = np.stack([load_image(item.path, (32, 32)) for item in items])
+    # The guided copy computes what the model computes; only its ReLU gradients differ.
+    clone = guided_clone(clf.model)
+    np.testing.assert_allclose(clone.predict(images.astype(np.float32), verbose=0), clf.predict(images), atol=1e-5)
+    guided = CamModel(clf, method="guided-gradcam").compute(images)
+    plain = CamModel(clf, method="gradcam").compute(images)
+    assert guided.maps.shape == (len(images), 1, 32, 32) and plain.maps.shape == (len(images), 1, 16, 16)
+    np.testing.assert_array_equal(guided.classes, plain.classes)
+    upsampled = np.repeat(np.repeat(plain.maps, 2, axis=2), 2, axis=3)
+    assert np.abs(guided.maps - upsampled).mean() > 0.05
+    # Guided backpropagation keeps the map on the object's pixels: little of its mass lies outside the box.
+    inside = []
+    for item, cam in zip(items, guided.maps[:, 0]):
+        x0, y0, x1, y1 = (round(v * 32 / s) for v, s in zip(boxes[item.rel], (IMAGE_W, IMAGE_H) * 2))
+        mask = np.zeros_like(cam, bool)
+        mask[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1] = True
+        inside.append(cam[mask].sum() / cam.sum())
+    assert np.median(inside) > 0.5, inside
+
+
+def test_guided_is_an_alias_of_positive_gradients(object_run, tmp_path):
+    from cvtool.cam import METHODS
+    from cvtool.gradcam import gradcam
+
+    run, test_dir, _ = object_run
+    assert "positive-gradients (alias guided;" in METHODS.described() and "guided" not in METHODS.names()
+    for method in ("guided", "positive-gradients"):
+        result = gradcam(run, test_dir, tmp_path / method, method=method, npy=True, quiet=True)
+        assert result.exit_code == 0
+    for npy in sorted((tmp_path / "guided").rglob("*.npy")):
+        twin = tmp_path / "positive-gradients" / npy.relative_to(tmp_path / "guided")
+        np.testing.assert_array_equal(np.load(npy), np.load(twin))
+    assert (tmp_path / "guided" / "gradcam.csv").read_bytes() == (
+        tmp_path / "positive-gradients" / "gradcam.csv"
+    ).read_bytes()
 
 
 def test_default_layer_is_found_inside_the_nested_backbone(object_run):
@@ -251,6 +315,9 @@ def test_mobilenet_backbone_classifier_run(colour_data, tmp_path):
     assert result.exit_code == 0 and result.processed == 12
     with Image.open(out / "red_00.gradcam.jpg") as im:
         assert im.size == (40, 32)
+    # Guided Grad-CAM through a nested backbone of ReLU6 layers: the guided copy is checked against the model.
+    maps = CamModel(clf, method="guided-gradcam").compute(np.full((1, 64, 64, 3), 128, np.uint8)).maps
+    assert maps.shape == (1, 1, 64, 64) and np.isfinite(maps).all()
 
 
 def test_plain_sequential_keras_file(colour_data, tmp_path):

@@ -32,3 +32,16 @@ def test_label_index_gtsrb_names_and_ids():
     assert label_index("cat", ["cat", "dog"]) == 0
     assert label_index("1", ["cat", "dog"]) == 1
     assert label_index("5", ["cat", "dog"]) is None
+
+
+def test_expected_calibration_error_over_15_equal_bins():
+    from cvtool.metrics import calibration
+
+    # bins are (b/15, (b+1)/15]: 0.88 and 0.9 share bin 13 (both right, mean confidence 0.89),
+    # 0.95 is bin 14 (wrong), 0.6 is bin 8 (wrong: 0.6 * 15 = 9 is the top of bin 8), 0.0 is bin 0 (right)
+    cal = calibration([0.88, 0.9, 0.95, 0.6, 0.0], [True, True, False, False, True])
+    assert cal["bins"] == 15
+    assert [i for i, n in enumerate(cal["bin_count"]) if n] == [0, 8, 13, 14]
+    assert cal["bin_count"][13] == 2 and abs(cal["bin_confidence"][13] - 0.89) < 1e-12
+    assert abs(cal["ece"] - (2 * 0.11 + 0.95 + 0.6 + 1.0) / 5) < 1e-12
+    assert calibration([], [])["ece"] == 0.0

@@ -1,0 +1,137 @@
+"""Where the scoring loop's work runs: the engines behind ``--engine`` (a registry, like every other variant).
+
+An engine turns the listed images into ``(Batch, scores)`` pairs **in input order**: each
+:class:`~cvtool.batches.Batch` holds the images decoded successfully and the failures met on the way,
+and the scores are [images, members, views, classes] (:meth:`cvtool.scoring.Scorer.member_probs`).
+What happens to them (rows of the one output job, metrics) is the command's business, so every engine
+writes the same rows, errors file and exit code.
+
+- ``local``: this process: decode threads (:func:`cvtool.batches.batched`) and the model here.
+- ``ray``: Ray Data (:mod:`cvtool.ray_inference`): decode tasks and an actor pool of model replicas, on a
+  Ray cluster or on Ray started on this machine.
+
+This module imports neither TensorFlow nor Ray (``--help`` reads it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from cvtool.errors import UsageError
+from cvtool.registry import Registry
+
+ENGINES = Registry("--engine")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Which engine runs the scoring, and the Ray engine's worker options.
+
+    Args:
+        name: ``local`` or ``ray`` (:data:`ENGINES`).
+        address: a Ray cluster to join (``ray://host:10001`` or ``host:6379``); None: ``$RAY_ADDRESS``, else Ray
+            is started on this machine for the run.
+        replicas: (min, max) model replicas; None: one to as many as the cluster's GPUs (or CPUs, leaving
+            one for decoding) allow.
+        cpus_per_replica: CPUs each replica reserves.
+        gpus_per_replica: GPUs each replica reserves (fractions share a GPU).
+
+    Example: ``EngineSettings("ray", replicas=(2, 8), gpus_per_replica=1)``.
+    """
+
+    name: str = "local"
+    address: str | None = None
+    replicas: tuple[int, int] | None = None
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+
+    def __post_init__(self) -> None:
+        ENGINES.entry(self.name)  # an unknown engine is refused with the choices
+        if self.cpus_per_replica < 0 or self.gpus_per_replica < 0:
+            raise UsageError("--cpus-per-replica and --gpus-per-replica must not be negative")
+        if self.cpus_per_replica == 0 and self.gpus_per_replica == 0:
+            raise UsageError("a replica needs a CPU or a GPU: --cpus-per-replica and --gpus-per-replica are both 0")
+        if self.name == "ray":  # Ray missing, or a cluster that does not answer: said before any model is loaded
+            from cvtool.ray_cluster import check_reachable, import_ray
+
+            import_ray()
+            address = self.address or os.environ.get("RAY_ADDRESS")
+            if address:
+                check_reachable(address)
+
+
+def parse_replicas(text: str | None) -> tuple[int, int] | None:
+    """``--replicas``: ``N`` (a fixed pool), ``MIN:MAX`` (Ray scales between them) or empty/``auto`` (None).
+
+    Example: ``parse_replicas("2:8")`` is ``(2, 8)``.
+    """
+    if text is None or text.strip() in ("", "auto"):
+        return None
+    parts = text.split(":")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
+    except ValueError:
+        low, high = 0, -1
+    if len(parts) > 2 or low < 1 or high < low:
+        raise UsageError(f"--replicas takes N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return low, high
+
+
+def engine_settings(
+    engine: str | EngineSettings | None = None,
+    *,
+    address: str | None = None,
+    replicas: str | tuple[int, int] | None = None,
+    cpus_per_replica: float = 1.0,
+    gpus_per_replica: float = 0.0,
+) -> EngineSettings:
+    """The settings of ``engine`` (a name; None: ``$CVTOOL_ENGINE``, else ``local``), options checked.
+
+    Example: ``engine_settings("ray", replicas="1:4")``.
+    """
+    if isinstance(engine, EngineSettings):
+        return engine
+    name = engine or os.environ.get("CVTOOL_ENGINE", "").strip() or "local"
+    if isinstance(replicas, str) or replicas is None:
+        replicas = parse_replicas(replicas)
+    return EngineSettings(name, address or None, replicas, cpus_per_replica, gpus_per_replica)
+
+
+def refuse_ray_engine(engine: str | EngineSettings | None, command: str) -> None:
+    """Commands that have no Ray engine yet refuse ``--engine ray`` in one line (exit 2)."""
+    if engine_settings(engine).name != "local":
+        raise UsageError(f"{command} does not run on --engine ray yet; use --engine local (or --shard K/N and merge)")
+
+
+@ENGINES.register("local", help="this process: decode threads and one model")
+def local_batches(scorer, items: Iterable, batch_size: int, settings: EngineSettings) -> Iterator[tuple]:
+    from cvtool.batches import batched
+
+    for batch in batched(items, scorer.decode, batch_size):
+        yield batch, scorer.member_probs(batch.payloads)
+
+
+@ENGINES.register("ray", help="Ray Data: decode tasks and a pool of model replicas, on a cluster or this machine")
+def ray_batches(scorer, items: Iterable, batch_size: int, settings: EngineSettings) -> Iterator[tuple]:
+    from cvtool.ray_inference import ray_score_batches
+
+    yield from ray_score_batches(scorer, items, batch_size, settings)
+
+
+def engine_batches(
+    scorer, items: Iterable, batch_size: int, engine: str | EngineSettings | None = None
+) -> Iterator[tuple]:
+    """``(Batch, scores [images, members, views, classes])`` for ``items``, in input order, on ``engine``.
+
+    Args:
+        scorer: a :class:`~cvtool.scoring.Scorer` (its decode and its members).
+        items: the images left to do, in order.
+        batch_size: images per batch.
+        engine: an engine name or :class:`EngineSettings` (None: ``$CVTOOL_ENGINE``, else local).
+
+    Example: ``for batch, scores in engine_batches(scorer, items, 32, "ray"): ...``.
+    """
+    settings = engine_settings(engine)
+    yield from ENGINES.get(settings.name)(scorer, items, batch_size, settings)
