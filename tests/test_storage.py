@@ -351,8 +351,14 @@ def test_evaluate_reads_data_and_labels_from_s3_and_writes_its_report_there(s3, 
     assert remote_metrics.pop("data") == f"s3://{BUCKET}/data/validation"  # the URL, not the cache path
     assert local_metrics.pop("data") == str(colour_data / "validation")
     assert remote_metrics == local_metrics
-    expected = sorted(p.name for p in (tmp_path / "eval").iterdir() if p.is_file() and not p.name.startswith("."))
-    assert [k.rsplit("/", 1)[1] for k in keys(s3, "eval")] == expected
+    local_dir = tmp_path / "eval"
+    expected = sorted(
+        f"eval/{p.relative_to(local_dir).as_posix()}"
+        for p in local_dir.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    )
+    assert "eval/report.html" in expected and any(k.startswith("eval/report_files/") for k in expected)
+    assert keys(s3, "eval") == expected  # the report and its thumbnails too, under the same relative names
     assert text(s3, "eval/predictions.csv") == (tmp_path / "eval" / "predictions.csv").read_bytes().decode()
 
 
