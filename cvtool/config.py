@@ -97,6 +97,11 @@ class TrainConfig:
     seed: int = option(42, "Seeds Python, NumPy and TensorFlow: split, shuffling, augmentation, weights.")
     val_split: float = option(0.2, "Fraction held out per class when DATA has no validation/ folder.")
     label_smoothing: float = option(0.0, "Label smoothing (0.1 is usual).")
+    dropout: float | None = option(
+        None, "Dropout before the softmax head (default: 0.5 for small-cnn, after its Dense 512; else 0.2)."
+    )
+    width: int = option(32, "small-cnn: filters of the first conv block (each next block doubles them).", min=1)
+    depth: int = option(2, "small-cnn: conv blocks, each halving the side.", min=1)
     bootstrap: bool = option(
         False, "Train on a bootstrap sample of the training split (drawn with replacement, seeded by --seed)."
     )

@@ -240,6 +240,10 @@ def validate(cfg: TrainConfig) -> None:
         check_image_size(cfg.arch, cfg.image_size)
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise UsageError("--label-smoothing must be in [0, 1)")
+    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
+        raise UsageError("--dropout must be in [0, 1)")
+    if cfg.width < 1 or cfg.depth < 1:
+        raise UsageError("--width and --depth must be at least 1")
     for value, allowed, option in (
         (cfg.optimizer, OPTIMIZERS, "--optimizer"),
         (cfg.checkpoint, CHECKPOINT_POLICIES, "--checkpoint"),
