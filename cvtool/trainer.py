@@ -551,6 +551,8 @@ def write_run_meta(
             "train": int(len(data.train_set.labels)),
             "validation": int(len(data.val_set.labels)),
             "skipped": len(data.failures),
+            # --bootstrap: how many different training images the sample holds
+            "distinct_train": len({item.rel for item in data.train_set.items}),
         },
         "metrics": trainer.metrics(),
     }

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from cvtool.config import TrainConfig
 from cvtool.errors import CvtoolError, UsageError
-from cvtool.locks import holds_output_lock
+from cvtool.locks import OutputLock
 from cvtool.outputs import write_csv, write_json
 from cvtool.progress import info
 from cvtool.registry import Registry
@@ -109,7 +110,6 @@ class TuneResult:
     best: dict | None  # best.json's content
 
 
-@holds_output_lock("out", folder=True)
 def tune(
     data: str | Path,
     out: str | Path,
@@ -158,8 +158,21 @@ def tune(
     kt = keras_tuner()
     out = Path(out)
     settings = {"tuner": tuner, "objective": objective, "epochs": epochs, "image_sizes": sizes, "seed": base.seed}
-    _prepare(out, settings, resume=resume, overwrite=overwrite)
-    space = search_space(kt, sizes)
+    role = os.environ.get("KERASTUNER_TUNER_ID", "") if os.environ.get("KERASTUNER_ORACLE_IP") else None
+    if role is None:  # one machine: this process is the search's one writer
+        with OutputLock(out, folder=True):
+            _prepare(out, settings, resume=resume, overwrite=overwrite)
+            return _search(kt, data, out, settings, base, max_trials, resume=resume, overwrite=overwrite, quiet=quiet)
+    # chief and workers share --out (Keras Tuner's distributed mode): the chief prepares it, workers join it
+    if role == "chief":
+        _prepare(out, settings, resume=resume, overwrite=overwrite)
+    return _search(kt, data, out, settings, base, max_trials, resume=resume, overwrite=False, quiet=quiet)
+
+
+def _search(kt, data, out: Path, settings: dict, base, max_trials: int, *, resume, overwrite, quiet) -> TuneResult:
+    """Run the oracle's trials (or, as a chief, serve them) and write the results."""
+    tuner, objective, epochs = settings["tuner"], settings["objective"], settings["epochs"]
+    space = search_space(kt, settings["image_sizes"])
     oracle = TUNERS.get(tuner)(kt, kt.Objective(objective, OBJECTIVES[objective]), max_trials, epochs, base.seed, space)
     search = Search(data, out, base, epochs=epochs, objective=objective, quiet=quiet)
     with contextlib.redirect_stdout(sys.stderr):  # Keras Tuner prints; stdout stays the command's
@@ -268,20 +281,22 @@ class Search:
         done = [t for t in oracle.trials.values() if t.status == "COMPLETED" and t.score is not None]
         done.sort(key=lambda t: t.trial_id)
         names = list(dict.fromkeys(k for t in done for k in t.hyperparameters.values))
-        header = ["trial", *names, "best_epoch", "objective", self.objective, "seconds"]
+        header = ["trial", *names, "best_epoch", "objective", *OBJECTIVES, "seconds"]
 
         def row(t):
             m = t.metrics
             hps = [_cell(t.hyperparameters.values.get(k, "")) for k in names]
-            figures = [int(m.get_last_value("best_epoch")), self.objective, m.get_last_value(self.objective)]
-            return [t.trial_id, *hps, *figures, round(m.get_last_value("seconds"), 3)]
+            figures = [m.get_last_value(k) if m.exists(k) else "" for k in OBJECTIVES]
+            best_epoch = int(m.get_last_value("best_epoch"))
+            return [t.trial_id, *hps, best_epoch, t.score, *figures, round(m.get_last_value("seconds"), 3)]
 
         write_csv(self.out / TRIALS_FILE, header, (row(t) for t in done))
         if not done:
             return TuneResult(self.out, 0, None)
         best = oracle.get_best_trials(1)[0]
         previous = json.loads((self.out / BEST_FILE).read_text()) if (self.out / BEST_FILE).exists() else {}
-        if previous.get("trial") != best.trial_id or not (self.out / BEST_DIR).exists():
+        changed = previous.get("trial") != best.trial_id or not (self.out / BEST_DIR).exists()
+        if changed:
             _copy_run(self.out / TRIALS_DIR / best.trial_id, self.out / BEST_DIR)
         summary = {
             "trial": best.trial_id,
@@ -293,10 +308,9 @@ class Search:
             "trials": len(done),
         }
         write_json(self.out / BEST_FILE, summary)
-        info(
-            f"best so far: trial {best.trial_id}, {self.objective} {best.score:.4f} -> {self.out / BEST_DIR}",
-            self.quiet,
-        )
+        if changed:
+            where = self.out / BEST_DIR
+            info(f"best so far: trial {best.trial_id}, {self.objective} {best.score:.4f} -> {where}", self.quiet)
         return TuneResult(self.out, len(done), summary)
 
 
