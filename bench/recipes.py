@@ -144,7 +144,7 @@ def main() -> None:
                 f"| {r['seconds']:.0f} | {ratio:.2f}x |"
             )
     if os.environ.get("KEEP_RUNS") != "1":
-        for name, run, _, _ in procs:
+        for _, run, _, _ in procs:
             shutil.rmtree(run, ignore_errors=True)
 
 

@@ -95,7 +95,8 @@ def trial_config(base: TrainConfig, values: dict, *, epochs: int, objective: str
 
     Example: ``trial_config(TrainConfig(), {"lr": 3e-3, "augment": 0.1}, epochs=3, objective="val_loss")``.
     """
-    known = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"augment"}  # augment: a strength, below
+    known = {k: v for k, v in values.items() if k in fields}
     cfg = dataclasses.replace(base, **known, epochs=epochs, monitor=objective, checkpoint="none")
     if "augment" in values:
         s = float(values["augment"])
