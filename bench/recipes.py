@@ -103,12 +103,14 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=["old", "new"], choices=list(RECIPES))
     parser.add_argument("--epochs", type=int, help="override every recipe's epochs (quick looks)")
     parser.add_argument("--limit", type=int, help="training images per class (default: all)")
+    parser.add_argument("--image-size", type=int, help="override every recipe's image size (quick looks)")
     parser.add_argument("--members", type=int, default=1, help="K > 1: train --members K of the recipe 'new'")
     parser.add_argument("--diversity", nargs="+", default=["seed", "all"], help="with --members: modes compared")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data = subset(args.data, args.limit, args.work) if args.limit else args.data
     extra = ["--epochs", str(args.epochs)] if args.epochs else []
+    extra += ["--image-size", str(args.image_size)] if args.image_size else []
     if args.members > 1:
         jobs = [(f"members-{d}", [*RECIPES["new"], *extra], d) for d in args.diversity]
     else:

@@ -31,7 +31,7 @@ MONITORS = ("val_loss", "val_accuracy", "loss", "accuracy")
 
 
 def format_logs(logs: dict) -> str:
-    return " ".join(f"{k} {float(v):.4f}" for k, v in logs.items())
+    return " ".join(f"{k} {float(v):.3g}" if k == "lr" else f"{k} {float(v):.4f}" for k, v in logs.items())
 
 
 def _scalars(logs: dict | None) -> dict:

@@ -26,6 +26,7 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def test_tune_runs_trials_as_cvtool_runs_and_a_killed_search_resumes_without_redoing_them(colour_data, tmp_path):
+    from cvtool.config import TrainConfig
     from cvtool.tune import tune
 
     out = tmp_path / "search"
@@ -51,7 +52,8 @@ def test_tune_runs_trials_as_cvtool_runs_and_a_killed_search_resumes_without_red
     refused = runner.invoke(app, ["tune", str(colour_data), "--out", str(out), "--max-trials", "3"])
     assert refused.exit_code == 2 and "--resume" in refused.output  # never silently mixed or replaced
 
-    result = tune(colour_data, out, max_trials=3, epochs=1, image_sizes=(16, 24), resume=True, quiet=True)
+    base = TrainConfig(seed=5)
+    result = tune(colour_data, out, max_trials=3, epochs=1, image_sizes=(16, 24), base=base, resume=True, quiet=True)
     rows = read_csv(trials_csv)
     assert len(rows) == 3 and result.trials == 3
     for t, stamp in stamps.items():  # finished trials were not run again
