@@ -176,7 +176,8 @@ def _search(kt, data, out: Path, settings: dict, base, max_trials: int, *, resum
     space = search_space(kt, settings["image_sizes"])
     oracle = TUNERS.get(tuner)(kt, kt.Objective(objective, OBJECTIVES[objective]), max_trials, epochs, base.seed, space)
     search = Search(data, out, base, epochs=epochs, objective=objective, quiet=quiet)
-    with contextlib.redirect_stdout(sys.stderr):  # Keras Tuner prints; stdout stays the command's
+    # Keras Tuner prints (stdout stays the command's) and writes its state files in place (made atomic here)
+    with contextlib.redirect_stdout(sys.stderr), _atomic_state_files():
         runner = _tuner_class(kt)(search, oracle=oracle, directory=str(out), project_name=PROJECT, overwrite=overwrite)
         if resume:
             done = sum(1 for t in runner.oracle.trials.values() if t.status == "COMPLETED")
@@ -211,6 +212,38 @@ def _prepare(out: Path, settings: dict, *, resume: bool, overwrite: bool) -> Non
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     write_json(state, settings)
+
+
+@contextlib.contextmanager
+def _atomic_state_files():
+    """Keras Tuner's JSON state (oracle.json, trial.json, the tuner's) written to a temporary name, then renamed.
+
+    Keras Tuner 1.4 opens its state files with "w" and writes them: a search killed during that
+    write leaves an empty oracle.json that no --resume can read. While the search runs, its
+    ``utils.save_json`` (which every one of those saves goes through) writes beside the file and
+    renames, so a kill leaves the old state or the new one.
+    """
+    import json
+
+    from keras_tuner.src import utils
+
+    original = utils.save_json
+
+    def save_json(path, obj):
+        if "://" in str(path):
+            return original(path, obj)
+        text = json.dumps(obj)
+        tmp = f"{path}.{os.getpid()}.part"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        return text
+
+    utils.save_json = save_json
+    try:
+        yield
+    finally:
+        utils.save_json = original
 
 
 def _tuner_class(kt):
