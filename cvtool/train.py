@@ -121,7 +121,7 @@ def train_members(
     """Train ``members`` models with seeds ``cfg.seed``, ``cfg.seed + 1``... into ``out/member-1..K/``.
 
     ``diversity`` (:data:`cvtool.members.DIVERSITY`) says how else they differ: their own
-    bootstrap sample of the training split, a different augmentation, both (default) or nothing.
+    bootstrap sample of the training split, a different augmentation, both, or nothing (default).
 
     Then writes ``out/cvtool.json`` naming them (rule ``mean``), so ``out`` is a MODEL for
     predict, tta, ensemble and evaluate.

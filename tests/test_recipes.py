@@ -146,7 +146,7 @@ def test_members_differ_in_data_and_augmentation_as_recorded(colour_data, tmp_pa
 
     out = tmp_path / "ens"
     cfg = TrainConfig(epochs=1, image_size=16, batch_size=8)
-    train_members(colour_data, out, cfg=cfg, members=3, quiet=True)  # default diversity: all
+    train_members(colour_data, out, cfg=cfg, members=3, diversity="all", quiet=True)
     metas = [json.loads((out / f"member-{i}" / "cvtool.json").read_text()) for i in (1, 2, 3)]
     assert [m["config"]["seed"] for m in metas] == [42, 43, 44]
     assert all(m["config"]["bootstrap"] for m in metas)
@@ -157,6 +157,6 @@ def test_members_differ_in_data_and_augmentation_as_recorded(colour_data, tmp_pa
     assert json.loads((out / "cvtool.json").read_text())["diversity"] == "all"
 
     seed_only = tmp_path / "seed"
-    train_members(colour_data, seed_only, cfg=cfg, members=2, diversity="seed", quiet=True)
+    train_members(colour_data, seed_only, cfg=cfg, members=2, quiet=True)  # default: seed only
     meta = json.loads((seed_only / "member-2" / "cvtool.json").read_text())
     assert not meta["config"]["bootstrap"] and meta["data"]["distinct_train"] == meta["data"]["train"]
