@@ -51,12 +51,12 @@ SPACE = {
 }
 
 
-@TUNERS.register("random", help="random search (keras_tuner.RandomSearch)")
+@TUNERS.register("random", help="keras_tuner.RandomSearch")
 def _random(kt, objective, max_trials: int, epochs: int, seed: int, space):
     return kt.oracles.RandomSearchOracle(objective=objective, max_trials=max_trials, seed=seed, hyperparameters=space)
 
 
-@TUNERS.register("hyperband", help="successive halving over epochs, --epochs the most a trial gets")
+@TUNERS.register("hyperband", help="Hyperband: successive halving over epochs")
 def _hyperband(kt, objective, max_trials: int, epochs: int, seed: int, space):
     oracle = kt.oracles.HyperbandOracle(
         objective=objective, max_epochs=max(epochs, 2), seed=seed, hyperparameters=space
@@ -65,7 +65,7 @@ def _hyperband(kt, objective, max_trials: int, epochs: int, seed: int, space):
     return oracle
 
 
-@TUNERS.register("bayesian", help="Gaussian-process Bayesian optimisation (keras_tuner.BayesianOptimization)")
+@TUNERS.register("bayesian", help="BayesianOptimization: a Gaussian process")
 def _bayesian(kt, objective, max_trials: int, epochs: int, seed: int, space):
     return kt.oracles.BayesianOptimizationOracle(
         objective=objective, max_trials=max_trials, seed=seed, hyperparameters=space
