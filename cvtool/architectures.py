@@ -10,6 +10,8 @@ model needs nothing but decoded, resized pixels.
 
 from __future__ import annotations
 
+import math
+
 from cvtool.backbones import SCRATCH_ARCHS, SMALL_CNN_SIZE, Backbone, get_backbone
 from cvtool.errors import UsageError
 from cvtool.layers import Preprocess
@@ -26,8 +28,13 @@ def image_input(image_size: tuple[int, int]) -> keras.KerasTensor:
     return keras.Input(shape=(*image_size, 3), name="image")
 
 
-def small_cnn(num_classes: int, image_size: tuple[int, int], dropout: float = 0.5) -> keras.Model:
+def small_cnn(
+    num_classes: int, image_size: tuple[int, int], dropout: float = 0.5, *, width: int = 32, depth: int = 2
+) -> keras.Model:
     """The cookbook's VGG-like net: two [Conv-ReLU-BN x2, MaxPool, Dropout 0.25] blocks, Dense 512.
+
+    ``width``: filters of the first block (each next block doubles them); ``depth``: the number of
+    blocks (each halves the side, so at most log2 of the side). Defaults: the cookbook's net.
 
     BatchNormalization uses momentum 0.9 (not Keras' 0.99) so that its moving
     statistics catch up within the few hundred steps of a small data set;
@@ -35,7 +42,8 @@ def small_cnn(num_classes: int, image_size: tuple[int, int], dropout: float = 0.
     """
     inputs = image_input(image_size)
     x = Preprocess("rescale", name="preprocess")(inputs)
-    for i, filters in enumerate((32, 64), start=1):
+    depth = max(1, min(depth, int(math.log2(max(2, min(image_size))))))
+    for i, filters in enumerate((width * 2**b for b in range(depth)), start=1):
         for j in (1, 2):
             x = layers.Conv2D(filters, 3, padding="same", name=f"block{i}_conv{j}")(x)
             x = layers.Activation("relu", name=f"block{i}_relu{j}")(x)
@@ -80,13 +88,26 @@ def backbone_classifier(
     return keras.Model(inputs, outputs, name=f"{backbone.name}_classifier")
 
 
-def build_scratch(arch: str, num_classes: int, image_size: tuple[int, int]) -> keras.Model:
-    """A randomly initialised classifier for ``cvtool train --arch``."""
+def build_scratch(
+    arch: str,
+    num_classes: int,
+    image_size: tuple[int, int],
+    *,
+    dropout: float | None = None,
+    width: int = 32,
+    depth: int = 2,
+) -> keras.Model:
+    """A randomly initialised classifier for ``cvtool train --arch`` (``width`` and ``depth``: small-cnn's).
+
+    ``dropout`` None: 0.5 for small-cnn, 0.2 for the backbone networks.
+    """
     if arch == "small-cnn":
-        return small_cnn(num_classes, image_size)
+        return small_cnn(num_classes, image_size, 0.5 if dropout is None else dropout, width=width, depth=depth)
     if arch not in SCRATCH_ARCHS:
         raise UsageError(f"unknown architecture {arch!r}; choose from {', '.join(SCRATCH_ARCHS)}")
-    model = backbone_classifier(get_backbone(arch), num_classes, image_size)
+    model = backbone_classifier(
+        get_backbone(arch), num_classes, image_size, dropout=0.2 if dropout is None else dropout
+    )
     set_batchnorm_momentum(model, 0.9)
     return model
 

@@ -22,6 +22,9 @@ AUGMENT_RANGES: dict[str, tuple[float, float, bool]] = {
     "crop": (0.0, 0.5, True),
     "contrast": (0.0, 1.0, True),
     "brightness": (0.0, 1.0, True),
+    "randaugment": (0.0, 1.0, True),
+    "mixup": (0.0, 1.0, True),
+    "cutmix": (0.0, 1.0, True),
 }
 
 
@@ -66,4 +69,39 @@ def build_augmenter(cfg: AugmentConfig, image_size: tuple[int, int], seed: int |
         steps.append(layers.RandomContrast(cfg.contrast, value_range=(0, 255), seed=seed))
     if cfg.brightness:
         steps.append(layers.RandomBrightness(cfg.brightness, value_range=(0, 255), seed=seed))
+    if cfg.randaugment:
+        steps.append(layers.RandAugment(value_range=(0, 255), factor=cfg.randaugment, seed=seed))
     return keras.Sequential(steps, name="augment")
+
+
+def build_mixer(cfg: AugmentConfig, seed: int | None = None):
+    """A function (images, one-hot labels) -> (mixed images, soft labels) for MixUp and/or CutMix, or None.
+
+    Runs on whole batches in tf.data after the per-image transforms; with both on, each
+    batch gets one of the two (a fair coin), as timm does. The loss takes the soft labels
+    as they are (categorical cross-entropy); validation keeps hard labels.
+
+    Example: ``mix = build_mixer(AugmentConfig(mixup=0.2)); x, y = mix(x, tf.one_hot(labels, 10))``.
+    """
+    if not cfg.mixes:
+        return None
+    from cvtool.runtime import keras, tf
+
+    layers = []
+    if cfg.mixup:
+        layers.append(keras.layers.MixUp(alpha=cfg.mixup, seed=seed))
+    if cfg.cutmix:
+        layers.append(keras.layers.CutMix(factor=cfg.cutmix, seed=seed))
+
+    def apply(layer, x, y):
+        out = layer({"images": x, "labels": y}, training=True)
+        return out["images"], tf.cast(out["labels"], y.dtype)
+
+    if len(layers) == 1:
+        return lambda x, y: apply(layers[0], x, y)
+
+    def either(x, y):
+        pick = tf.random.uniform([], seed=seed) < 0.5
+        return tf.cond(pick, lambda: apply(layers[0], x, y), lambda: apply(layers[1], x, y))
+
+    return either

@@ -33,7 +33,7 @@ MONITORS = ("val_loss", "val_accuracy", "loss", "accuracy")
 
 
 def format_logs(logs: dict) -> str:
-    return " ".join(f"{k} {float(v):.4f}" for k, v in logs.items())
+    return " ".join(f"{k} {float(v):.3g}" if k == "lr" else f"{k} {float(v):.4f}" for k, v in logs.items())
 
 
 def _scalars(logs: dict | None) -> dict:
@@ -481,3 +481,54 @@ class TensorBoardScalars(keras.callbacks.Callback):
 def tensorboard(run_dir: Path) -> TensorBoardScalars:
     """TensorBoard event files under RUN/logs/."""
     return TensorBoardScalars(Path(run_dir) / LOG_DIR)
+
+
+def scheduled_lr(base: float, schedule: str, progress: float, warmup: float = 0.0, elapsed: float = 0.0) -> float:
+    """The learning rate at ``progress`` (0 to 1, through the phase) of ``schedule``.
+
+    cosine: ``base * (1 + cos(pi * progress)) / 2``; step: ``base``, x0.1 from half-way, x0.01
+    from three quarters; constant: ``base``. ``warmup`` (epochs) ramps it linearly from near 0
+    over the first ``warmup`` epochs (``elapsed``: epochs done in the phase, fractional).
+    Example: ``scheduled_lr(1e-3, "cosine", 0.5) == 5e-4``.
+    """
+    if schedule == "cosine":
+        lr = base * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    elif schedule == "step":
+        lr = base * (0.01 if progress >= 0.75 else 0.1 if progress >= 0.5 else 1.0)
+    else:
+        lr = base
+    if warmup > 0 and elapsed < warmup:
+        lr *= (elapsed + 1e-3) / warmup
+    return lr
+
+
+class LearningRateSchedule(keras.callbacks.Callback):
+    """Sets the optimizer's learning rate before every training step (:func:`scheduled_lr`), both loops.
+
+    The schedule spans one phase, epochs ``start`` to ``end``; it is a function of the step
+    alone, so a resumed run continues on the same curve. Adds ``lr`` (the rate of the epoch's
+    first step) to the epoch's logs, hence to history.csv.
+    Usage: ``LearningRateSchedule(1e-3, "cosine", start=0, end=10, steps=40)``.
+    """
+
+    def __init__(self, base: float, schedule: str, *, start: int, end: int, steps: int, warmup: float = 0.0):
+        super().__init__()
+        self.base, self.schedule, self.warmup = base, schedule, warmup
+        self.start, self.end, self.steps = start, end, max(1, steps)
+        self._epoch, self._first = start, base
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._first = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        elapsed = (self._epoch - self.start) + batch / self.steps
+        span = max(1, self.end - self.start)
+        lr = scheduled_lr(self.base, self.schedule, elapsed / span, self.warmup, elapsed)
+        self.model.optimizer.learning_rate.assign(lr)
+        if self._first is None:
+            self._first = lr
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self._first is not None:
+            logs["lr"] = self._first

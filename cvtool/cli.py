@@ -26,14 +26,16 @@ from cvtool.errors import EXIT_UNUSABLE, EXIT_USAGE, CvtoolError
 from cvtool.export import FORMATS as EXPORT_FORMATS
 from cvtool.formats import FORMATS
 from cvtool.imagenet import LABEL_FORMATS
+from cvtool.members import DEFAULT_DIVERSITY, DIVERSITY
 from cvtool.rules import ENSEMBLE_RULES, VIEW_REDUCERS
 from cvtool.runtimes import RUNTIME_ENV, RUNTIMES
 from cvtool.storage import local_path
 from cvtool.tta import DEFAULT_TRANSFORMS, TRANSFORMS
+from cvtool.tune import DEFAULT_IMAGE_SIZES, OBJECTIVES, TUNERS
 
 COMMAND_ORDER = (
-    "train", "finetune", "predict", "tta", "ensemble", "evaluate", "gradcam", "visualize", "segment", "merge", "models",
-    "export",
+    "train", "finetune", "tune", "predict", "tta", "ensemble", "evaluate", "gradcam", "visualize", "segment", "merge",
+    "models", "export",
 )  # fmt: skip
 
 
@@ -382,6 +384,9 @@ Members = Annotated[
 ]
 Workers = Annotated[int, typer.Option(min=1, help="--engine ray: Ray Train workers (one TensorFlow process each).")]
 GpusPerWorker = Annotated[float, typer.Option(min=0.0, help="--engine ray: GPUs each training worker reserves.")]
+Diversity = Annotated[
+    str, typer.Option(help=f"With --members: how members differ besides the seed: {DIVERSITY.described()}.")
+]
 # What a value looks like in --help (a flag shows none).
 METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", bool: ""}
 
@@ -479,6 +484,7 @@ def train(
     options: dict,
     resume: TrainResume = False,
     members: Members = 1,
+    diversity: Diversity = DEFAULT_DIVERSITY,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     engine: Engine = "local",
@@ -505,7 +511,9 @@ def train(
             from cvtool.errors import UsageError
 
             raise UsageError("--resume works on one run; resume each RUN/member-N folder on its own")
-        results = train_members(data, out, cfg=cfg, members=members, overwrite=overwrite, quiet=quiet)
+        results = train_members(
+            data, out, cfg=cfg, members=members, diversity=diversity, overwrite=overwrite, quiet=quiet
+        )
         typer.echo(f"ensemble of {members} models saved to {out}")
         _report_skipped(results)
         return 1 if any(r.failures for r in results) else 0
@@ -886,6 +894,63 @@ def finetune(
     typer.echo(f"model saved to {result.run_dir}")
     _report_skipped([result])
     return 1 if result.failures else 0
+
+
+@app.command()
+@reports_errors
+def tune(
+    data: DataArg,
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="Search folder to create (local).", metavar="PATH", show_default=False)
+    ],
+    tuner: Annotated[str, typer.Option(help=f"Search strategy: {TUNERS.described()}.", metavar="TEXT")] = "random",
+    max_trials: Annotated[int, typer.Option(min=1, help="Trials in all (a resumed search counts its own).")] = 10,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs per trial (hyperband: the most one trial gets).")] = 5,
+    objective: Annotated[
+        str, typer.Option(help=f"What the search optimises: {' or '.join(OBJECTIVES)}.", metavar="TEXT")
+    ] = "val_accuracy",
+    image_sizes: Annotated[
+        str, typer.Option(help="Square sides (pixels) the search chooses among, comma-separated.", metavar="TEXT")
+    ] = ",".join(map(str, DEFAULT_IMAGE_SIZES)),
+    seed: Annotated[int, typer.Option(help="Seeds the search and every trial.")] = 42,
+    val_split: Annotated[float, typer.Option(help="Fraction held out per class when DATA has no validation/.")] = 0.2,
+    layout: Layout = "auto",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the search in --out; finished trials are kept.", metavar="")
+    ] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> int:
+    """Hyper-parameter search (Keras Tuner) over train's options; writes trials.csv, best.json and best/ (a run)."""
+    _refuse_impossible_out(out, remote=False)
+    out = Path(local_path(out))
+    from cvtool.config import TrainConfig as Base
+    from cvtool.errors import UsageError
+    from cvtool.tune import tune as run_tune
+
+    try:
+        sizes = [int(s) for s in image_sizes.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--image-sizes must be whole numbers separated by commas, got {image_sizes!r}") from None
+    base = Base(seed=seed, val_split=val_split, layout=layout)
+    result = run_tune(
+        data,
+        out,
+        tuner=tuner,
+        max_trials=max_trials,
+        epochs=epochs,
+        objective=objective,
+        image_sizes=sizes or DEFAULT_IMAGE_SIZES,
+        base=base,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
+    if result.best is not None:
+        best = result.best
+        typer.echo(f"{result.trials} trials; best trial {best['trial']}: {best['objective']} {best['value']:.4f}")
+        typer.echo(f"best model saved to {out / 'best'}")
+    return 0
 
 
 @app.command()

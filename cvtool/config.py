@@ -47,13 +47,32 @@ class AugmentConfig:
     )
     contrast: float = option(0.0, "Random contrast factor; 0 to 1.")
     brightness: float = option(0.0, "Random brightness, fraction of the pixel range; 0 to 1.")
+    randaugment: float = option(
+        0.0,
+        "RandAugment (keras.layers.RandAugment, 2 random ops per image) at this strength; 0 = off, "
+        "0.5 is Keras' default; 0 to 1.",
+    )
+    mixup: float = option(0.0, "MixUp alpha (keras.layers.MixUp, soft labels); 0 = off, 0.2 is usual; 0 to 1.")
+    cutmix: float = option(
+        0.0, "CutMix factor (keras.layers.CutMix, soft labels); 0 = off, 1 is usual; with --mixup, one per batch."
+    )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @property
     def enabled(self) -> bool:
-        return any(v for v in asdict(self).values())
+        """Any per-image transform (MixUp and CutMix mix whole batches: :attr:`mixes`)."""
+        return any(v for k, v in asdict(self).items() if k not in MIXING)
+
+    @property
+    def mixes(self) -> bool:
+        """MixUp or CutMix on: training targets become soft labels."""
+        return bool(self.mixup or self.cutmix)
+
+
+MIXING = ("mixup", "cutmix")  # AugmentConfig fields that mix images and labels of a batch
+LR_SCHEDULES = ("constant", "cosine", "step")
 
 
 @dataclass
@@ -69,10 +88,23 @@ class TrainConfig:
         32, "Images per training step.", flags=("--batch-size", "-b"), envvar="CVTOOL_TRAIN_BATCH_SIZE", min=1
     )
     lr: float = option(1e-3, "Learning rate.")
+    lr_schedule: str = option(
+        "constant",
+        "constant, cosine (decays to 0 over the phase's epochs) or step (x0.1 at 1/2 and 3/4 of them); per step.",
+    )
+    warmup: float = option(0.0, "Epochs of linear learning-rate warm-up at the start (fractions allowed).", min=0)
     optimizer: str = option("adam", "adam, rmsprop or sgd (momentum 0.9, Nesterov).")
     seed: int = option(42, "Seeds Python, NumPy and TensorFlow: split, shuffling, augmentation, weights.")
     val_split: float = option(0.2, "Fraction held out per class when DATA has no validation/ folder.")
     label_smoothing: float = option(0.0, "Label smoothing (0.1 is usual).")
+    dropout: float | None = option(
+        None, "Dropout before the softmax head (default: 0.5 for small-cnn, after its Dense 512; else 0.2)."
+    )
+    width: int = option(32, "small-cnn: filters of the first conv block (each next block doubles them).", min=1)
+    depth: int = option(2, "small-cnn: conv blocks, each halving the side.", min=1)
+    bootstrap: bool = option(
+        False, "Train on a bootstrap sample of the training split (drawn with replacement, seeded by --seed)."
+    )
     augment: AugmentConfig = option(default_factory=AugmentConfig)  # its fields are options of their own
     checkpoint: str = option(
         "best",

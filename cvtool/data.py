@@ -267,6 +267,15 @@ def decode_set(
     return DecodedSet(images[:kept], labels[:kept], kept_items, failures)
 
 
+def bootstrap_sample(decoded: DecodedSet, seed: int) -> DecodedSet:
+    """``decoded`` resampled with replacement to its own size (seeded): a bagging member's training set.
+
+    About 63% of the images appear, some several times. Example: ``bootstrap_sample(train_set, seed=43)``.
+    """
+    idx = np.sort(np.random.default_rng(seed).integers(0, len(decoded.labels), len(decoded.labels)))
+    return DecodedSet(decoded.images[idx], decoded.labels[idx], [decoded.items[i] for i in idx], decoded.failures)
+
+
 def drop_classes_without_images(
     class_names: list[str], train: DecodedSet, *others: DecodedSet
 ) -> tuple[list[str], list[str], list[DecodedSet]]:
@@ -299,10 +308,12 @@ def training_dataset(
     augment=None,
     num_classes: int | None = None,
     class_weights=None,
+    mix=None,
 ):
-    """tf.data over a decoded split: shuffled indices -> batch gather -> augmentation -> prefetch.
+    """tf.data over a decoded split: shuffled indices -> batch gather -> augmentation -> mixing -> prefetch.
 
-    Labels are one-hot when ``num_classes`` is given (needed for label smoothing).
+    Labels are one-hot when ``num_classes`` is given (needed for label smoothing and ``mix``).
+    ``mix``: (images, one-hot labels) -> (images, soft labels), MixUp/CutMix (:func:`cvtool.augment.build_mixer`).
     With ``class_weights`` (one weight per class) batches are (x, y, sample_weight).
     ``decoded.images`` may also hold feature vectors [N, D] (hub backbones).
     """
@@ -334,4 +345,6 @@ def training_dataset(
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     if augment is not None:
         ds = ds.map(lambda x, *rest: (augment(x, training=True), *rest), num_parallel_calls=tf.data.AUTOTUNE)
+    if mix is not None:
+        ds = ds.map(lambda x, y, *rest: (*mix(x, y), *rest), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

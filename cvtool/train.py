@@ -6,13 +6,13 @@ this module builds the model and runs it.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from cvtool.bundle import META_FILE, write_ensemble_manifest
 from cvtool.config import TrainConfig
 from cvtool.errors import UsageError
 from cvtool.locks import holds_output_lock
+from cvtool.members import DEFAULT_DIVERSITY, DIVERSITY, member_config
 from cvtool.progress import info
 from cvtool.trainer import (
     Trainer,
@@ -91,7 +91,14 @@ def train(
                 info(f"resuming {run.target} after epoch {trainer.epoch}", quiet)
             else:
                 with strategy.scope():
-                    model = build_scratch(cfg.arch, tdata.num_classes, tdata.image_size)
+                    model = build_scratch(
+                        cfg.arch,
+                        tdata.num_classes,
+                        tdata.image_size,
+                        dropout=cfg.dropout,
+                        width=cfg.width,
+                        depth=cfg.depth,
+                    )
                 trainer.compile(model, cfg.lr)
             trainer.fit(model, cfg.epochs)
             trainer.publish()
@@ -107,10 +114,14 @@ def train_members(
     *,
     cfg: TrainConfig | None = None,
     members: int = 2,
+    diversity: str = DEFAULT_DIVERSITY,
     overwrite: bool = False,
     quiet: bool = False,
 ) -> list[TrainResult]:
     """Train ``members`` models with seeds ``cfg.seed``, ``cfg.seed + 1``... into ``out/member-1..K/``.
+
+    ``diversity`` (:data:`cvtool.members.DIVERSITY`) says how else they differ: their own
+    bootstrap sample of the training split, a different augmentation, both, or nothing (default).
 
     Then writes ``out/cvtool.json`` naming them (rule ``mean``), so ``out`` is a MODEL for
     predict, tta, ensemble and evaluate.
@@ -120,6 +131,7 @@ def train_members(
         out: the ensemble's folder.
         cfg: every member's config but its seed (default: ``TrainConfig()``).
         members: how many models.
+        diversity: a :data:`cvtool.members.DIVERSITY` mode; each member's config is in its cvtool.json.
         overwrite: replace an ensemble (and members) already in ``out``.
         quiet: no progress lines.
 
@@ -129,6 +141,7 @@ def train_members(
     Usage: ``train_members("photos/", "runs/ens", cfg=TrainConfig(epochs=5), members=3)``.
     """
     cfg = cfg or TrainConfig()
+    DIVERSITY.entry(diversity)
     if members < 1:
         raise UsageError("--members must be at least 1")
     run_dir = Path(out)
@@ -139,8 +152,8 @@ def train_members(
     results, names = [], []
     for i in range(1, members + 1):
         name = f"member-{i}"
-        member_cfg = dataclasses.replace(cfg, seed=cfg.seed + i - 1)
-        info(f"member {i}/{members} (seed {member_cfg.seed}) -> {run_dir / name}", quiet)
+        member_cfg = member_config(cfg, i - 1, diversity)
+        info(f"member {i}/{members} (seed {member_cfg.seed}, diversity {diversity}) -> {run_dir / name}", quiet)
         results.append(train(data, run_dir / name, cfg=member_cfg, overwrite=overwrite, quiet=quiet, exclude=run_dir))
         names.append(name)
     from cvtool.bundle import read_meta
@@ -151,7 +164,11 @@ def train_members(
         names,
         class_names,
         "mean",
-        {"config": cfg.to_dict(), "members_metrics": {n: r.metrics for n, r in zip(names, results)}},
+        {
+            "config": cfg.to_dict(),
+            "diversity": diversity,
+            "members_metrics": {n: r.metrics for n, r in zip(names, results)},
+        },
     )
     info(f"ensemble of {members} members saved to {run_dir}", quiet)
     return results

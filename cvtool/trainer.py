@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 import cvtool.runtime  # noqa: F401 - quiet TensorFlow import
-from cvtool.augment import build_augmenter, validate_augment
+from cvtool.augment import build_augmenter, build_mixer, validate_augment
 from cvtool.batches import Failure
 from cvtool.bundle import HUB_DIR, META_FILE, MODEL_FILE, write_meta
 from cvtool.callbacks import (
@@ -45,6 +45,7 @@ from cvtool.callbacks import (
     EarlyStopper,
     EpochLogger,
     HistoryWriter,
+    LearningRateSchedule,
     MonitorTracker,
     RecalibrateBatchNorm,
     ResumePoint,
@@ -54,7 +55,7 @@ from cvtool.callbacks import (
     read_resume_point,
     tensorboard,
 )
-from cvtool.config import TrainConfig
+from cvtool.config import LR_SCHEDULES, TrainConfig
 from cvtool.data import LAYOUTS
 from cvtool.errors import UnusableError, UsageError
 from cvtool.outputs import path_cell, write_csv
@@ -253,6 +254,10 @@ def validate(cfg: TrainConfig) -> None:
         check_image_size(cfg.arch, cfg.image_size)
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise UsageError("--label-smoothing must be in [0, 1)")
+    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
+        raise UsageError("--dropout must be in [0, 1)")
+    if cfg.width < 1 or cfg.depth < 1:
+        raise UsageError("--width and --depth must be at least 1")
     for value, allowed, option in (
         (cfg.optimizer, OPTIMIZERS, "--optimizer"),
         (cfg.checkpoint, CHECKPOINT_POLICIES, "--checkpoint"),
@@ -261,11 +266,14 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.loop, LOOPS, "--loop"),
         (cfg.mixed_precision, ("auto", "on", "off"), "--mixed-precision"),
         (cfg.layout, LAYOUTS, "--layout"),
+        (cfg.lr_schedule, LR_SCHEDULES, "--lr-schedule"),
     ):
         if value not in allowed:
             raise UsageError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
     if cfg.patience < 0:
         raise UsageError("--patience must not be negative")
+    if not (math.isfinite(cfg.warmup) and cfg.warmup >= 0):
+        raise UsageError(f"--warmup must be a number of epochs, 0 or more, got {cfg.warmup}")
     validate_augment(cfg.augment)
 
 
@@ -306,7 +314,7 @@ def load_data(
     ``exclude``: a folder inside ``data`` that is never read as data (the run being written).
     A class none of whose training images can be read is dropped, with a warning.
     """
-    from cvtool.data import decode_set, discover, drop_classes_without_images
+    from cvtool.data import bootstrap_sample, decode_set, discover, drop_classes_without_images
 
     data = fetch(data, "data")  # a URL: the labelled folder is copied once into the cache (read every epoch)
     splits = discover(data, cfg.val_split, cfg.seed, layout=cfg.layout, exclude=exclude)
@@ -332,6 +340,10 @@ def load_data(
     if len(kept) < 2:
         raise UnusableError(f"{data}: only class {kept[0]} has readable training images; at least two are needed")
     splits, val_set = dataclasses.replace(splits, class_names=kept), kept_val
+    if cfg.bootstrap:
+        train_set = bootstrap_sample(train_set, cfg.seed)
+        unique = len(np.unique([item.rel for item in train_set.items]))
+        info(f"bootstrap sample (seed {cfg.seed}): {unique} distinct training images of {len(train_set.labels)}", quiet)
     weights = None
     if cfg.class_weight == "balanced":
         weights = balanced_class_weights(train_set.labels, len(splits.class_names))
@@ -370,6 +382,8 @@ class Trainer:
         self.logger = EpochLogger(self._total_epochs(), quiet)
         self.epoch = 0  # epochs completed
         self.phase: str | None = None
+        self.base_lr = cfg.lr  # the learning rate given to compile(): the schedule's peak
+        self.schedule_start = 0  # the epoch the current phase (and its lr schedule) started at
         self.board = None  # the current fit's TensorBoard writer
         self.report = None
         if getattr(cfg, "report", True):
@@ -397,6 +411,8 @@ class Trainer:
         """Continue after ``state`` (a resume point): callbacks' state, history rows, epoch counter."""
         self.epoch = int(state["epoch"])
         self.phase = state.get("phase")
+        self.base_lr = float(state.get("base_lr", self.cfg.lr))
+        self.schedule_start = int(state.get("schedule_start", 0))
         for key, cb in self.resume_point.stateful.items():
             cb.restore(state["callbacks"].get(key, {}))
         self.history.restore({}, self.epoch)
@@ -413,6 +429,7 @@ class Trainer:
 
     def compile(self, model, lr: float, optimizer=None) -> None:
         """Compile with the run's optimizer (a new one at ``lr``, or ``optimizer``), loss and accuracy."""
+        self.base_lr = self.resume_point.info["base_lr"] = lr
         with self.strategy.scope():
             model.compile(
                 optimizer=optimizer or make_optimizer(self.cfg.optimizer, lr),
@@ -427,8 +444,9 @@ class Trainer:
         cfg, data = self.cfg, data or self.data
         batch = cfg.batch_size * self.strategy.num_replicas_in_sync
         augmenter = build_augmenter(cfg.augment, data.image_size, cfg.seed) if augment else None
+        mixer = build_mixer(cfg.augment, cfg.seed) if augment else None
         n = data.num_classes
-        train_ds = training_dataset(data.train_set, batch, True, cfg.seed, augmenter, n, data.class_weights)
+        train_ds = training_dataset(data.train_set, batch, True, cfg.seed, augmenter, n, data.class_weights, mixer)
         calibration = training_dataset(data.train_set, batch, True, cfg.seed + 1, None, n)
         return train_ds, calibration
 
@@ -456,13 +474,24 @@ class Trainer:
         if phase != self.phase:
             self.stopper.wait = 0
             self.phase = phase
+            self.schedule_start = self.epoch
+        self.resume_point.info["schedule_start"] = self.schedule_start
         if phase is not None:
             trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
             self.history.extra = {"phase": phase, "trainable_params": trainable}
             self.resume_point.info["phase"] = phase
         self.board = tensorboard(self.run_dir)
         # Order matters: recalibrate BN, then validate that model, then everything that reads val_* or saves it.
+        schedule = LearningRateSchedule(
+            self.base_lr,
+            self.cfg.lr_schedule,
+            start=self.schedule_start,
+            end=until,
+            steps=steps,
+            warmup=self.cfg.warmup,
+        )
         callbacks = [
+            schedule,
             RecalibrateBatchNorm(calibration),
             ValidationScores(data.val_set.images, data.val_set.labels, self.cfg.batch_size),
             self.history,
@@ -577,6 +606,8 @@ def write_run_meta(
             "train": int(len(data.train_set.labels)),
             "validation": int(len(data.val_set.labels)),
             "skipped": len(data.failures),
+            # --bootstrap: how many different training images the sample holds
+            "distinct_train": len({item.rel for item in data.train_set.items}),
         },
         "metrics": trainer.metrics(),
     }
