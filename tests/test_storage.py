@@ -93,6 +93,7 @@ def remote_run(trained_run, s3):
 
 def cli(s3, *args, env=None, check=None, **kw):
     full_env = {**os.environ, **s3["env"], "PYTHONPATH": str(REPO), "CVTOOL_QUIET": "1", **(env or {})}
+    full_env = {name: value for name, value in full_env.items() if value is not None}  # None: unset
     done = subprocess.run(
         [sys.executable, "-m", "cvtool", *map(str, args)], capture_output=True, text=True, env=full_env, **kw
     )
@@ -373,3 +374,27 @@ def test_train_reads_data_from_s3_and_refuses_a_remote_run_directory(s3, colour_
     assert f"s3://{BUCKET}/train-data" in (result.run_dir / "cvtool.json").read_text()
     done = cli(s3, "train", f"s3://{BUCKET}/train-data", "--out", f"s3://{BUCKET}/runs/new", check=2)
     assert "written locally" in done.stderr
+
+
+def test_ray_engine_reads_s3_and_writes_parquet_there_with_the_local_runs_rows(s3, photos, remote_run, local_preds):
+    """The storage legs of the Ray engine (issue 15) and of the result formats: model, images and a Parquet
+    result on S3, scored by Ray workers on this machine; the rows are the local CSV's, the bad object an errors row."""
+    pytest.importorskip("ray")
+    import io
+
+    import pyarrow.parquet as pq
+
+    out = f"s3://{BUCKET}/ray/preds.parquet"
+    env = {"CVTOOL_ENGINE": "ray", "RAY_ADDRESS": None}  # no cluster address: Ray starts on this machine
+    done = cli(s3, "predict", remote_run, f"s3://{BUCKET}/photos", "--out", out, "-k", "2", "-b", "4", env=env)
+    assert done.returncode == 1, done.stderr  # broken.jpg
+    table = pq.read_table(io.BytesIO(s3["fs"].cat_file(f"{BUCKET}/ray/preds.parquet")))
+    expected = list(csv.DictReader(local_preds.read_text().splitlines()))
+    rows = table.to_pylist()
+    assert [r["path"] for r in rows] == [r["path"] for r in expected]
+    for got, want in zip(rows, expected):
+        assert (got["label"], got["label_2"]) == (want["label"], want["label_2"])
+        assert abs(got["score"] - float(want["score"])) <= 1e-5 and isinstance(got["score"], float)
+    errors = pq.read_table(io.BytesIO(s3["fs"].cat_file(f"{BUCKET}/ray/preds.errors.parquet"))).to_pylist()
+    assert [e["path"] for e in errors] == ["broken.jpg"]
+    assert keys(s3, "ray") == ["ray/preds.errors.parquet", "ray/preds.job.json", "ray/preds.parquet"]
