@@ -333,7 +333,9 @@ def reports_errors(func):
     return wrapper
 
 
-def _refuse_impossible_out(out: Path | str, *, remote: bool = True) -> None:
+def _refuse_impossible_out(
+    out: Path | str, *, remote: bool = True, what: str = "a run directory is written locally"
+) -> None:
     """An output folder that cannot be written is refused before TensorFlow is imported (seconds).
 
     The command checks it again, under its output lock (:mod:`cvtool.locks`). ``remote``: a URL is
@@ -346,8 +348,8 @@ def _refuse_impossible_out(out: Path | str, *, remote: bool = True) -> None:
     if is_url(local_path(out)):
         if not remote:
             raise UsageError(
-                f"--out {redact(out)}: a run directory is written locally; copy it to object storage when it is "
-                "done (MODEL URLs are read from there)"
+                f"--out {redact(out)}: {what}; copy it to object storage when it is done (MODEL URLs are read from "
+                "there)"
             )
         return
     check_output_location(local_path(out), folder=True)
@@ -827,15 +829,20 @@ def gradcam(
 
 @app.command()
 @reports_errors
-@shared_options("batch_size", "overwrite", "quiet", *MODEL_OPTIONS)
+@shared_options("batch_size", "overwrite", "quiet", "unsafe_load", "weights")  # gradients: TensorFlow only
 def visualize(
     model: ModelArg,
     input: Annotated[
-        Path, typer.Argument(help="Image file, or folder searched recursively.", metavar="IMAGE", show_default=False)
+        str,
+        typer.Argument(
+            help="Image file, or folder searched recursively (a path or a URL).", metavar="IMAGE", show_default=False
+        ),
     ],
     out: Annotated[
-        Path,
-        typer.Option("--out", "-o", help="Folder for the activation grids and filter patterns.", show_default=False),
+        str,
+        typer.Option(
+            "--out", "-o", help="Local folder for the activation grids and filter patterns.", show_default=False
+        ),
     ],
     layers: Annotated[
         Optional[str],
@@ -848,7 +855,8 @@ def visualize(
     **options,
 ) -> int:
     """Intermediate activations of each image as channel grids, and the patterns that maximise chosen filters."""
-    _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
+    _refuse_impossible_out(out, remote=False, what="visualize writes its pictures locally")
+    out = Path(local_path(out))
     from cvtool.visualize import visualize as run_visualize
 
     result = run_visualize(
@@ -922,7 +930,7 @@ def tune(
     quiet: Quiet = False,
 ) -> int:
     """Hyper-parameter search (Keras Tuner) over train's options; writes trials.csv, best.json and best/ (a run)."""
-    _refuse_impossible_out(out, remote=False)
+    _refuse_impossible_out(out, remote=False, what="a search folder is written locally")
     out = Path(local_path(out))
     from cvtool.config import TrainConfig as Base
     from cvtool.errors import UsageError

@@ -398,3 +398,12 @@ def test_ray_engine_reads_s3_and_writes_parquet_there_with_the_local_runs_rows(s
     errors = pq.read_table(io.BytesIO(s3["fs"].cat_file(f"{BUCKET}/ray/preds.errors.parquet"))).to_pylist()
     assert [e["path"] for e in errors] == ["broken.jpg"]
     assert keys(s3, "ray") == ["ray/preds.errors.parquet", "ray/preds.job.json", "ray/preds.parquet"]
+
+
+def test_visualize_reads_images_from_s3_and_writes_its_pictures_locally(s3, photos, remote_run, tmp_path):
+    out = tmp_path / "vis"
+    cli(s3, "visualize", remote_run, f"s3://{BUCKET}/photos/red", "--out", out, "--filters", "0", check=0)
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.activations.png"))
+    assert written and all(name.startswith(("red-", "deep/red-")) for name in written), written
+    refused = cli(s3, "visualize", remote_run, f"s3://{BUCKET}/photos/red", "--out", f"s3://{BUCKET}/vis", check=2)
+    assert "locally" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
