@@ -83,7 +83,7 @@ class Classifier:
     def without_model(self) -> Classifier:
         """A light copy to send to other processes: class names, input size, meta and how to load the model
         (:meth:`reload`), but no model. Example: ``pickle.dumps(classifier.without_model())``."""
-        return dataclasses.replace(self, model=None, features=None, _forward=None)
+        return dataclasses.replace(self, model=None, features=None, _forward=None, runner=None)
 
     def reload(self) -> Classifier:
         """The model loaded again, the way :func:`load_classifier` loaded it (in a Ray actor, once per actor).

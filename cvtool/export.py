@@ -251,6 +251,32 @@ def _source(model: str | os.PathLike) -> tuple[Path | None, Path | None]:
     return run_dir, model_file
 
 
+def _same_source(a: str, b: str) -> bool:
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def _check_folder_holds_this_model(folder: Path, classifier: Classifier, source: str, overwrite: bool) -> None:
+    """An export folder holds one model's artefacts (one ``labels.txt``, one ``export.json``): exporting another
+    model there would orphan them, so it is refused (exit 2); ``--overwrite`` removes them first."""
+    try:
+        old = json.loads((folder / EXPORT_META).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    listed = old.get("artefacts") if isinstance(old, dict) and isinstance(old.get("artefacts"), dict) else {}
+    present = sorted(name for name in listed if "/" not in name and (folder / name).exists())
+    if not present or _same_source(str(old.get("source", "")), source):
+        return
+    if not overwrite:
+        raise UsageError(
+            f"{folder} holds {', '.join(present)} exported from {old.get('source')}: export {source} into another "
+            "folder (--out), or pass --overwrite to replace them"
+        )
+    for name in present:
+        path = folder / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (folder / EXPORT_META).unlink()
+
+
 def _export_meta(folder: Path, classifier: Classifier, source: str) -> dict:
     """``export.json`` as it will be: the one beside, kept when it describes the same classes and size."""
     meta_path = folder / EXPORT_META
@@ -337,6 +363,7 @@ def export(
         raise UnusableError(f"{model} is fine-tuned on a TF-Hub backbone, which cvtool cannot export (Keras 3)")
     if any("\n" in name or "\r" in name for name in classifier.class_names):
         raise UnusableError(f"{model}: a class name holds a line break, which {LABELS_FILE} cannot hold")
+    _check_folder_holds_this_model(out.parent, classifier, str(model), overwrite)
     info(f"exporting {model} as {format}{' int8' if int8 else ''}", quiet)
     pixels, labels, data = parity_images(classifier, run_dir, calibration, samples)
     keras_probs = _predict(classifier.predict, pixels)

@@ -70,7 +70,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         raise UsageError("--unfreeze-fraction must be in [0, 1]")
     if not 0.0 <= cfg.dropout < 1.0:
         raise UsageError("--dropout must be in [0, 1)")
-    if cfg.fine_tune_lr is not None and cfg.fine_tune_lr <= 0:
+    if cfg.fine_tune_lr is not None and not cfg.fine_tune_lr > 0:  # NaN too
         raise UsageError("--fine-tune-lr must be positive")
     if cfg.is_hub and not cfg.arch[len(HUB_PREFIX) :]:
         raise UsageError("--backbone hub: needs a handle or a path, e.g. hub:/models/feature_vector")

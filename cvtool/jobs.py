@@ -367,6 +367,9 @@ class BatchJob:
         differs = identity_difference(old, identity)
         if differs is None and old.get("shard") != identity.get("shard"):
             differs = f"shard ({_show(old.get('shard'))}, now {_show(identity.get('shard'))})"
+        if differs is None and old.get("result_format", self.format.name) != self.format.name:
+            # the errors journal is named after the format: resuming in another would drop its rows
+            differs = f"results format ({old['result_format']}, now {self.format.name})"
         if differs is not None:
             raise UsageError(f"{what} was made with a different {differs}; pass --overwrite to start over")
 

@@ -36,9 +36,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
-from cvtool.errors import ImageError, UnusableError, UsageError, env_int
+from cvtool.errors import CvtoolError, ImageError, UnusableError, UsageError, env_int
 
 REMOTE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https"})
 READ_ONLY_SCHEMES = frozenset({"http", "https"})
@@ -198,12 +198,30 @@ def errors(url: str, what: str = "") -> Iterator[None]:
     except ImportError as exc:
         raise UsageError(f"{shown}: a package is missing ({exc.name or exc}): {CLOUD_EXTRA}") from None
     except Exception as exc:  # noqa: BLE001 - any library error is one line, never a traceback
-        reason = _reason(exc)
+        reason = scrub(_reason(exc), url)
         if _DENIED.search(reason):
             raise UnusableError(f"access denied to {shown} (credentials from {credential_source(url)})") from None
         if _MISSING.search(reason):
             raise UsageError(f"{what or 'not found'}: {shown}") from None
         raise UnusableError(f"cannot use {shown}: {reason}") from None
+
+
+def secrets_of(url: str) -> list[str]:
+    """The parts of ``url`` that are secrets: a password, a query string and its values (SAS tokens, signatures)."""
+    if scheme(url) is None:
+        return []
+    parts = urlsplit(str(url))
+    found = [parts.password] if parts.password else []
+    if parts.query:
+        found += [parts.query, *(value for _, value in parse_qsl(parts.query) if len(value) >= 4)]
+    return sorted(found, key=len, reverse=True)  # the longest first, so a value inside the query goes with it
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` with the secrets of ``url`` (:func:`secrets_of`) replaced by ``***``."""
+    for secret in secrets_of(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _reason(exc: BaseException) -> str:
@@ -586,10 +604,20 @@ def stages_output(param: str, *, folder: bool = False) -> Callable[[F], F]:
             bound.arguments[param] = target
             if not is_url(target):
                 return func(*bound.args, **bound.kwargs)
+            if secrets_of(target):  # it would end up in object names, job files and messages
+                raise UsageError(
+                    f"{redact(target)}: an output URL takes no password or query string; give credentials "
+                    "through the cloud library's standard settings (docs/storage.md)"
+                )
             staging = Staging(target, folder=folder)
-            with staging as local:
-                bound.arguments[param] = local
-                result = func(*bound.args, **bound.kwargs)
+            try:
+                with staging as local:
+                    bound.arguments[param] = local
+                    result = func(*bound.args, **bound.kwargs)
+            except CvtoolError as exc:  # "... already exists" and the like: name the URL, not the staging copy
+                base = staging.url if staging.folder else staging.url.rsplit("/", 1)[0]
+                message = str(exc).replace(str(staging.local_dir.resolve()), redact(base))
+                raise type(exc)(message.replace(str(staging.local_dir), redact(base))) from None
             return _remote_result(result, staging)
 
         return wrapper  # type: ignore[return-value]

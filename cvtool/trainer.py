@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -128,6 +129,7 @@ class RunFolder:
         self.target = Path(target)
         resolved = self.target.resolve()
         self._replaced = resolved.parent / f".{resolved.name}.cvtool-old"  # the old entries, while they are swapped
+        self.on_failure: list = []  # called with the exception when the run stops on one (not while built aside)
         self.path = resolved.parent / f".{resolved.name}.cvtool-new" if staged else self.target
 
     @property
@@ -169,6 +171,10 @@ class RunFolder:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.staged:
             shutil.rmtree(self.path, ignore_errors=True)
+        elif exc_type is not None:
+            for hook in self.on_failure:
+                with contextlib.suppress(Exception):  # the error being raised is what the user must see
+                    hook(exc)
 
 
 def finished_run(run: RunFolder, epochs_done: int, quiet: bool) -> TrainResult:
@@ -248,7 +254,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--epochs must not be negative")
     if cfg.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    if cfg.lr <= 0:
+    if not cfg.lr > 0:  # NaN too
         raise UsageError("--lr must be positive")
     if cfg.image_size is not None:
         check_image_size(cfg.arch, cfg.image_size)
@@ -391,6 +397,7 @@ class Trainer:
 
             self.report = TrainingReport(self)
             self.report.start()
+            run.on_failure.append(self.report.failed)  # a run that stops on an error says so on its page
 
     @property
     def run_dir(self) -> Path:

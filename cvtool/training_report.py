@@ -90,13 +90,23 @@ class TrainingReport:
         self.inspection, self.toc = page.parts, page.toc
         self.write()
 
-    def write(self, final: bool = False) -> Path:
-        """(Re)write report.html from history.csv and the trainer's state; ``final``: the run has finished."""
+    def failed(self, exc: BaseException) -> None:
+        """The run stopped on an error or a signal: a last page that says so and no longer reloads."""
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, KeyboardInterrupt):
+            reason = "interrupted (--resume continues the run)"
+        self.write(final=True, failure=reason)
+
+    def write(self, final: bool = False, failure: str | None = None) -> Path:
+        """(Re)write report.html from history.csv and the trainer's state; ``final``: the run has finished
+        (``failure``: on this error)."""
         from cvtool.trainer import plot_history
 
         t = self.trainer
         run_dir, total, done = t.run_dir, t.logger.epochs, max(t.epoch, t.stopper.last_epoch)
         state = f"finished after {done} epochs" if final else f"running: {done} of {total} epochs done"
+        if failure is not None:
+            state = f"stopped after {done} of {total} epochs: {failure}"
         best = t.metrics()
         if best.get("best_epoch"):
             shown = ", ".join(f"{k} {fmt(v)}" for k, v in best.items() if k in _SHOWN)
@@ -126,7 +136,7 @@ class TrainingReport:
             page.para("No epoch finished yet.", "empty")
         page.section("Config", "config")
         page.table(["option", "value"], _flat(t.cfg.to_dict()))
-        page.section("Metrics" + ("" if final else " (best so far)"), "metrics")
+        page.section("Metrics" + ("" if final and failure is None else " (best so far)"), "metrics")
         metrics = t.metrics()
         if metrics.get("best_epoch"):
             items = [("best epoch", metrics["best_epoch"]), ("monitor", metrics["monitor"])]

@@ -58,9 +58,7 @@ def _random(kt, objective, max_trials: int, epochs: int, seed: int, space):
 
 @TUNERS.register("hyperband", help="Hyperband: successive halving over epochs")
 def _hyperband(kt, objective, max_trials: int, epochs: int, seed: int, space):
-    oracle = kt.oracles.HyperbandOracle(
-        objective=objective, max_epochs=max(epochs, 2), seed=seed, hyperparameters=space
-    )
+    oracle = kt.oracles.HyperbandOracle(objective=objective, max_epochs=epochs, seed=seed, hyperparameters=space)
     oracle.max_trials = max_trials  # Hyperband has no trial budget of its own: stop after --max-trials too
     return oracle
 
@@ -152,6 +150,8 @@ def tune(
         raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if max_trials < 1 or epochs < 1:
         raise UsageError("--max-trials and --epochs must be at least 1")
+    if tuner == "hyperband" and epochs < 2:
+        raise UsageError("--tuner hyperband needs --epochs 2 or more (it trains trials for a fraction of them first)")
     sizes = sorted({int(s) for s in image_sizes})
     base = base or TrainConfig()
     for side in sizes:

@@ -265,8 +265,8 @@ def visualize(
     for name, value in (("--filters", filters), ("--channels", channels), ("--steps", steps)):
         if value < 0:
             raise UsageError(f"{name} must not be negative")
-    if step_size <= 0:
-        raise UsageError("--step-size must be positive")
+    if not step_size > 0 or step_size == float("inf"):  # NaN and infinity too
+        raise UsageError(f"--step-size must be a positive number, got {step_size}")
     out_dir = Path(out)
     items = list_images(input, exclude=out_dir)
     if not items:

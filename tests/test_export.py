@@ -274,7 +274,10 @@ def test_gradcam_with_a_non_tf_runtime_is_one_line_exit_2(exported, colour_data,
 
 
 def test_export_refusals_are_usage_errors(exported, tmp_path):
+    other = tmp_path / "other-run"  # another model's export must not orphan the artefacts already in a folder
+    shutil.copytree(exported, other, ignore=shutil.ignore_patterns("export"))
     cases = [
+        (["export", str(other), "--format", "onnx", "--out", str(exported / "export" / "o.onnx")], "exported from"),
         (["export", str(exported), "--format", "onnx", "--int8"], "--int8 is for --format tflite"),
         (["export", str(exported), "--format", "onnx"], "exists; pass --overwrite"),
         (["export", str(exported), "--format", "tflite", "--out", str(tmp_path / "m.onnx")], "another suffix"),

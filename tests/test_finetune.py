@@ -108,6 +108,9 @@ def test_unusable_weights_are_one_line_exit_3(colour_data, tmp_path):
     result = runner.invoke(app, [*base, "--out", str(tmp_path / "b"), "--weights", str(wrong)])
     assert result.exit_code == 3
     assert "cannot load --weights" in result.output
+    page = (tmp_path / "b" / "report.html").read_text(encoding="utf-8")  # written when the data was read
+    assert 'http-equiv="refresh"' not in page, "a failed run's page must not reload forever as if running"
+    assert "stopped after 0 of" in page and "cannot load --weights" in page
 
 
 def make_hub_model(path: Path) -> Path:

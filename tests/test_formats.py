@@ -232,3 +232,18 @@ def test_parquet_kill_9_then_resume_gives_every_row_exactly_once(trained_run, tm
     assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(got, want))  # other batches: float noise
     assert pq.read_table(tmp_path / "preds.errors.parquet").column("path").to_pylist() == ["img 100 bad.png"]
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+def test_resume_in_another_format_is_refused_so_no_errors_journal_is_dropped(trained_run, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    colour_image(COLOURS["red"], size=(12, 12)).save(photos / "a.png")
+    (photos / "bad.png").write_bytes(b"")
+    out = tmp_path / "preds.out"
+    assert predict(trained_run, photos, out, format="jsonl", quiet=True).failed == 1
+    from cvtool.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"results format \(jsonl, now parquet\)"):
+        predict(trained_run, photos, out, format="parquet", quiet=True, resume=True)
+    again = predict(trained_run, photos, out, format="jsonl", quiet=True, resume=True)  # same format: nothing to do
+    assert (again.processed, again.failed) == (1, 1)

@@ -7,6 +7,7 @@ with SIGKILL mid-run and the result must still be exact.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -119,6 +120,22 @@ def test_tta_ensemble_and_evaluate_on_ray_equal_local(cluster, trained_run, phot
     assert len(ray_eval.read_text().splitlines()) == 37  # header + 36 validation images
 
 
+def test_a_run_with_a_tflite_export_predicts_on_ray_as_locally(cluster, trained_run, photos, tmp_path):
+    """Each replica loads the exported artefact itself: a LiteRT interpreter cannot travel to a worker."""
+    pytest.importorskip("ai_edge_litert")
+    from cvtool.export import export
+    from cvtool.predict import predict
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    export(run, format="tflite", quiet=True)
+    for engine in ("local", "ray"):
+        out = tmp_path / f"{engine}.csv"
+        result = predict(run, photos, out, top_k=2, quiet=True, engine=engine, runtime="tflite")
+        assert (result.processed, result.failed) == (37, 1)
+    same_results(tmp_path / "local.csv", tmp_path / "ray.csv")
+
+
 def test_sigkill_of_a_replica_mid_run_loses_and_duplicates_no_row(cluster, trained_run, tmp_path):
     photos = tmp_path / "many"
     photos.mkdir()
@@ -206,7 +223,6 @@ def replica_pids() -> list[int]:
 
 
 def test_two_ray_workers_train_a_run_directory_that_predicts(cluster, colour_data, photos, tmp_path):
-    import json
 
     run = tmp_path / "run"
     args = ["train", str(colour_data), "--out", str(run), "--epochs", "1", "--image-size", "32", "--batch-size", "6"]

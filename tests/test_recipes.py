@@ -84,6 +84,13 @@ def test_tune_without_keras_tuner_names_the_extra(colour_data, tmp_path, monkeyp
     assert 'pip install "cvtool[tune]"' in result.output
 
 
+def test_hyperband_with_one_epoch_is_refused_rather_than_training_two(colour_data, tmp_path):
+    args = ["tune", str(colour_data), "--out", str(tmp_path / "h"), "--tuner", "hyperband", "--epochs", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--epochs 2 or more" in result.output
+    assert not (tmp_path / "h").exists()
+
+
 def test_mixup_and_cutmix_give_soft_labels_and_randaugment_changes_pixels():
     from cvtool.augment import build_augmenter, build_mixer
     from cvtool.config import AugmentConfig

@@ -151,7 +151,8 @@ def test_predict_with_model_input_and_output_on_s3_equals_a_local_run(s3, photos
     assert len(list((cache / "models").iterdir())) == 1  # the run was fetched once (the shards test reuses it)
     assert not any(p.is_file() for p in (cache / "staging").rglob("*.csv"))  # the staging copy is cleared
     refused = cli(s3, "predict", remote_run, f"s3://{BUCKET}/photos", "--out", out, check=2)
-    assert "already exists" in refused.stderr
+    assert "already exists" in refused.stderr and out in refused.stderr  # the URL, not the staging copy
+    assert "staging" not in refused.stderr
 
 
 def test_kill_9_then_resume_finishes_the_remote_result_exactly(s3, trained_run, tmp_path):
@@ -256,7 +257,8 @@ def test_access_denied_is_exit_3_naming_the_url_and_credential_source_without_th
 
     def auth(count: str) -> None:  # moto enforces IAM policies from now on (the user has none), or stops
         url, headers = f"{s3['endpoint']}/moto-api/reset-auth", {"Content-Type": "text/plain"}
-        urllib.request.urlopen(urllib.request.Request(url, count.encode(), headers=headers, method="POST"))
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # urlopen's opener may hold a proxy
+        direct.open(urllib.request.Request(url, count.encode(), headers=headers, method="POST"))  # another test set
 
     auth("0")
     try:
@@ -407,3 +409,13 @@ def test_visualize_reads_images_from_s3_and_writes_its_pictures_locally(s3, phot
     assert written and all(name.startswith(("red-", "deep/red-")) for name in written), written
     refused = cli(s3, "visualize", remote_run, f"s3://{BUCKET}/photos/red", "--out", f"s3://{BUCKET}/vis", check=2)
     assert "locally" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_secrets_in_urls_never_reach_messages_or_object_names(s3, photos, remote_run, tmp_path):
+    signed = f"s3://{BUCKET}/signed/q.csv?X-Amz-Signature=SIGNATURE1234"
+    for extra in ([], ["--format", "csv"]):
+        done = cli(s3, "predict", remote_run, f"s3://{BUCKET}/photos", "--out", signed, *extra, check=2)
+        assert "SIGNATURE1234" not in done.stderr and "query string" in done.stderr
+    assert keys(s3, "signed") == []  # nothing written under a name that holds the signature
+    done = cli(s3, "predict", f"s3://user:pa55word@{BUCKET}/runs/colours", str(photos), "--out", tmp_path / "p.csv")
+    assert done.returncode in (2, 3) and "pa55word" not in done.stderr + done.stdout, done.stderr

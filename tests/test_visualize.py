@@ -125,7 +125,7 @@ def test_imagenet_model_named_layer_and_default_layers(tmp_path, colour_data):
     assert png(out / "block_3_expand_relu.filters.png").shape[:2] == grid_size(2, 224, 2)
 
 
-@pytest.mark.parametrize("extra", [["--step-size", "0"], ["--filters", "-1"]])
+@pytest.mark.parametrize("extra", [["--step-size", "0"], ["--step-size", "nan"], ["--filters", "-1"]])
 def test_bad_options_exit_2(trained_run, colour_data, tmp_path, extra):
     args = ["visualize", str(trained_run), str(colour_data / "validation"), "--out", str(tmp_path / "v"), *extra]
     result = runner.invoke(app, args)
