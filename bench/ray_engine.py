@@ -68,7 +68,12 @@ def main() -> int:
         for engine in ("local", "ray"):
             t_short, _ = run_predict(model, tmp / "short", tmp / f"{engine}-short.csv", engine)
             t_long, _ = run_predict(model, tmp / "long", tmp / f"{engine}-long.csv", engine)
-            rate = opts.n / max(t_long - t_short, 1e-9)
+            if t_long - t_short < 0.2 * t_short:  # start-up dominates: the difference is noise, not a rate
+                sys.exit(
+                    f"{engine}: {2 * opts.n} photos took {t_long:.1f} s vs {t_short:.1f} s for {opts.n}: "
+                    "too few photos to see a steady rate; give a bigger --photos folder and --n"
+                )
+            rate = opts.n / (t_long - t_short)
             startup = t_short - opts.n / rate
             speed[engine] = rate
             print(
