@@ -337,7 +337,8 @@ def export(
 
     Example: ``export("runs/clothes", format="tflite").parity["top1_agreement"]``.
     """
-    from cvtool.runtimes import EXTRA_HINT, RUNTIMES, quiet_stderr
+    from cvtool.progress import quiet_stderr
+    from cvtool.runtimes import EXTRA_HINT, RUNTIMES
 
     entry = FORMATS.entry(format)
     if int8 and format != "tflite":

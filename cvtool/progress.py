@@ -9,6 +9,8 @@ bar; a finished bar stays on screen at 100%.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 
@@ -98,3 +100,23 @@ def info(message: str, quiet: bool = False) -> None:
     """One informational line on stderr, silenced by --quiet."""
     if not quiet:
         _print(message)
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Point file descriptor 2 at /dev/null for the block: native code (LiteRT's "Created TensorFlow Lite
+    XNNPACK delegate", converter statistics, Ray's C++ core) prints there and Python cannot silence it."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable descriptor 2: nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

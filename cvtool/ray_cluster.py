@@ -103,17 +103,14 @@ def _quiet_core_logs() -> Iterator[None]:
     """Ray's C++ core logs to stderr (it says so when its level is set, and warns about every actor pool's
     constructor arguments): the driver's core starts here with the level at fatal, and its start-up line
     goes nowhere. Ray's logs on the nodes are unchanged."""
+    from cvtool.progress import quiet_stderr
+
     previous = os.environ.get("RAY_BACKEND_LOG_LEVEL")
     os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, 2)
-        yield
+        with quiet_stderr():
+            yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
         if previous is None:
             os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
         else:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from cvtool.errors import UnusableError, UsageError, first_line
+from cvtool.progress import quiet_stderr
 from cvtool.registry import Registry
 
 AUTO = "auto"
@@ -69,28 +69,6 @@ def runtime_of(path: str | os.PathLike) -> str:
         if suffix and path.name.endswith(suffix):
             return name
     return "tf"
-
-
-@contextmanager
-def quiet_stderr():
-    """Point file descriptor 2 at /dev/null for the block: native runtimes print start-up lines
-    ("Created TensorFlow Lite XNNPACK delegate", converter statistics) that Python cannot silence."""
-    import sys
-
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no usable descriptor 2: nothing to silence
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def _import(module: str, runtime: str):
