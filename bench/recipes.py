@@ -26,6 +26,10 @@ from pathlib import Path
 from common import CLOTHING, REPO
 
 # The recipe before issue 18 (every option that changed, pinned) and candidates; "new" is today's default.
+# "old" also runs the code of that time (BASELINE_REF: small-cnn with BatchNormalization after the ReLU),
+# checked out with `git archive` into the work folder, so the baseline stays what users had.
+BASELINE_REF = "4a3cfd3"
+OLD_CODE = {"old"}
 RECIPES: dict[str, list[str]] = {
     "old": ["--epochs", "10", "--lr-schedule", "constant", "--label-smoothing", "0"],
     "new": [],  # today's defaults: still the old recipe (see bench/README.md)
@@ -54,13 +58,25 @@ def subset(data: Path, limit: int, work: Path) -> Path:
     return out
 
 
-def start(name: str, args: list[str], data: Path, work: Path, members: int, diversity: str | None) -> tuple:
+def baseline_code(work: Path, ref: str) -> Path:
+    """The cvtool package as it was at ``ref`` (git archive), for the "old" recipe."""
+    out = work / f"code-{ref}"
+    if not (out / "cvtool").is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "cvtool"], check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return out
+
+
+def start(
+    name: str, args: list[str], data: Path, work: Path, members: int, diversity: str | None, code: Path = REPO
+) -> tuple:
     run = work / name
     cmd = [sys.executable, "-m", "cvtool", "train", str(data), "--out", str(run), "--overwrite", *args]
     if members > 1:
         cmd += ["--members", str(members), "--diversity", diversity]
     log = open(work / f"{name}.log", "w")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(code)}
     return name, run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.monotonic()
 
 
@@ -106,6 +122,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, help="override every recipe's image size (quick looks)")
     parser.add_argument("--members", type=int, default=1, help="K > 1: train --members K of the recipe 'new'")
     parser.add_argument("--diversity", nargs="+", default=["seed", "all"], help="with --members: modes compared")
+    parser.add_argument("--baseline-ref", default=BASELINE_REF, help="git commit whose code runs the 'old' recipe")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     data = subset(args.data, args.limit, args.work) if args.limit else args.data
@@ -115,7 +132,10 @@ def main() -> None:
         jobs = [(f"members-{d}", [*RECIPES["new"], *extra], d) for d in args.diversity]
     else:
         jobs = [(name, [*RECIPES[name], *extra], None) for name in args.recipes]
-    procs = [start(name, a, data, args.work, args.members, d) for name, a, d in jobs]
+    old = baseline_code(args.work, args.baseline_ref)
+    procs = [
+        start(name, a, data, args.work, args.members, d, old if name in OLD_CODE else REPO) for name, a, d in jobs
+    ]
     rows = {}
     for name, run, proc, began in procs:
         if proc.wait() != 0:

@@ -31,10 +31,15 @@ def image_input(image_size: tuple[int, int]) -> keras.KerasTensor:
 def small_cnn(
     num_classes: int, image_size: tuple[int, int], dropout: float = 0.5, *, width: int = 32, depth: int = 2
 ) -> keras.Model:
-    """The cookbook's VGG-like net: two [Conv-ReLU-BN x2, MaxPool, Dropout 0.25] blocks, Dense 512.
+    """A VGG-like net after the cookbook's: two [Conv-BN-ReLU x2, MaxPool, Dropout 0.25] blocks, Dense 512.
 
     ``width``: filters of the first block (each next block doubles them); ``depth``: the number of
     blocks (each halves the side, so at most log2 of the side). Defaults: the cookbook's net.
+
+    BatchNormalization comes between each Conv/Dense and its ReLU (the cookbook puts it after the ReLU),
+    so that it folds into the layer's weights on export: after the ReLU, units that never fire get
+    near-zero variance and huge scales, which int8 quantization cannot hold beside the live ones
+    (docs/export.md). Models saved with the old order keep it (their graph is in model.keras).
 
     BatchNormalization uses momentum 0.9 (not Keras' 0.99) so that its moving
     statistics catch up within the few hundred steps of a small data set;
@@ -45,15 +50,15 @@ def small_cnn(
     depth = max(1, min(depth, int(math.log2(max(2, min(image_size))))))
     for i, filters in enumerate((width * 2**b for b in range(depth)), start=1):
         for j in (1, 2):
-            x = layers.Conv2D(filters, 3, padding="same", name=f"block{i}_conv{j}")(x)
-            x = layers.Activation("relu", name=f"block{i}_relu{j}")(x)
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
             x = layers.BatchNormalization(momentum=0.9, name=f"block{i}_bn{j}")(x)
+            x = layers.Activation("relu", name=f"block{i}_relu{j}")(x)
         x = layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
         x = layers.Dropout(0.25, name=f"block{i}_dropout")(x)
     x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(512, name="fc")(x)
-    x = layers.Activation("relu", name="fc_relu")(x)
+    x = layers.Dense(512, use_bias=False, name="fc")(x)
     x = layers.BatchNormalization(momentum=0.9, name="fc_bn")(x)
+    x = layers.Activation("relu", name="fc_relu")(x)
     x = layers.Dropout(dropout, name="fc_dropout")(x)
     outputs = classifier_head(x, num_classes)
     return keras.Model(inputs, outputs, name="small_cnn")

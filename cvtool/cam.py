@@ -123,7 +123,7 @@ def find_target_layer(model, name: str | None = None) -> list[str]:
     paper and Keras' own example: the last convolution before the classifier
     head (a global pooling whose map never comes back), followed through the layers after it that keep its map (batch
     norm, activations, residual adds, concatenations) up to the first dropout
-    or pooling that shrinks the map. So small-cnn's ``block2_bn2`` (not ``block2_dropout``,
+    or pooling that shrinks the map. So small-cnn's ``block2_relu2`` (not ``block2_dropout``,
     a map of half the resolution), MobileNetV2's ``out_relu``, VGG16's
     ``block5_conv3``; a nested model (a finetune backbone) is searched too.
     A model without convolutions falls back to its last layer with a 4-D

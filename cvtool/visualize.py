@@ -19,7 +19,7 @@ a layer inside a nested model is reached as Grad-CAM reaches it (:func:`cvtool.c
 
 Example::
 
-    visualize("runs/clothes", "photo.jpg", "viz/", layers="block1_bn2,block2_bn2", filters=8)
+    visualize("runs/clothes", "photo.jpg", "viz/", layers="block1_relu2,block2_relu2", filters=8)
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def default_layers(model) -> list[list[str]]:
     convolution starts the next block) and each piece that contains a convolution
     gives its last layer, leaving out padding, pooling and dropout; the 1x1 maps of
     squeeze-and-excitation branches (MobileNetV3, EfficientNet) are not blocks. So small-cnn
-    gives ``block1_bn2`` and ``block2_bn2``; VGG16 the last convolution of each block (``block1_conv2`` ...);
+    gives ``block1_relu2`` and ``block2_relu2``; VGG16 the last convolution of each block (``block1_conv2`` ...);
     MobileNetV2 one layer per resolution.
     """
     from cvtool.cam import _flat_layers, _head_start, _spatial

@@ -434,7 +434,7 @@ def test_default_layer_of_a_small_cnn_is_its_last_conv_block_before_pooling(trai
 
     clf = load_classifier(trained_run)
     cams = CamModel(clf)
-    assert cams.path == ["block2_bn2"]  # Conv-ReLU-BN: the block's output, not block2_pool or block2_dropout
+    assert cams.path == ["block2_relu2"]  # Conv-BN-ReLU: the block's output, not block2_pool or block2_dropout
     pooled = clf.model.get_layer("block2_dropout").output.shape[1]
     maps = cams.compute(np.zeros((1, 32, 32, 3), np.uint8)).maps
     assert maps.shape[2:] == (2 * pooled, 2 * pooled) == (16, 16)
