@@ -139,6 +139,30 @@ def _layer_model(model, path: Sequence[str]):
         raise UnusableError(f"cannot reach layer {'/'.join(path)}: {' '.join(str(exc).split())[:200]}") from None
 
 
+def climb_path(model, path: Sequence[str]) -> list[str]:
+    """The layer whose output filter patterns climb for the layer at ``path``: a ReLU's input, else itself.
+
+    The ReLU only cuts the negative part, so maximising its input maximises its output; but a filter
+    that is silent (negative) everywhere on the starting image has no gradient through the ReLU and
+    would stay a flat grey tile. Small-cnn's ``block2_relu2`` climbs on ``block2_bn2``.
+    """
+    from cvtool.cam import _layer_at
+    from cvtool.runtime import keras
+
+    layer = _layer_at(model, path)
+    relu = isinstance(layer, keras.layers.ReLU) or (
+        isinstance(layer, keras.layers.Activation) and getattr(layer.activation, "__name__", "") == "relu"
+    )
+    if not relu:
+        return list(path)
+    try:
+        before = layer.input._keras_history.operation
+        _layer_at(model, [*path[:-1], before.name])
+    except (AttributeError, ValueError):
+        return list(path)
+    return [*path[:-1], before.name]
+
+
 # --- pictures -----------------------------------------------------------------------------------------------------
 
 
@@ -289,9 +313,10 @@ def visualize(
     size = classifier.image_size
     layer_models = {label: _layer_model(classifier.model, path) for label, path in names.items()}
     written: list[str] = []
-    for label, layer_model in layer_models.items():
+    for label, path in names.items():
         if not filters:
             break
+        layer_model = _layer_model(classifier.model, climb_path(classifier.model, path))
         count = int(layer_model.outputs[0].shape[-1])
         patterns = filter_patterns(layer_model, range(min(filters, count)), size, steps=steps, step_size=step_size)
         picture = grid(standardise(patterns, axes=(1, 2, 3)), math.ceil(math.sqrt(len(patterns))))

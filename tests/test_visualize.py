@@ -56,10 +56,12 @@ def test_small_cnn_run_gives_one_grid_per_conv_block_and_filter_patterns(trained
 
 def test_filter_patterns_raise_their_filters_activation(trained_run):
     from cvtool.bundle import load_classifier
-    from cvtool.visualize import _layer_model, filter_patterns
+    from cvtool.visualize import _layer_model, climb_path, filter_patterns
 
     clf = load_classifier(trained_run)
-    layer = _layer_model(clf.model, ["block2_relu2"])
+    assert climb_path(clf.model, ["block2_relu2"]) == ["block2_bn2"]  # a ReLU climbs on its input
+    assert climb_path(clf.model, ["block2_bn2"]) == ["block2_bn2"]
+    layer = _layer_model(clf.model, climb_path(clf.model, ["block2_relu2"]))
     filters = [0, 1, 2, 3]
     start = filter_patterns(layer, filters, (32, 32), steps=0)
     climbed = filter_patterns(layer, filters, (32, 32), steps=15)
