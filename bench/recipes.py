@@ -133,9 +133,7 @@ def main() -> None:
     else:
         jobs = [(name, [*RECIPES[name], *extra], None) for name in args.recipes]
     old = baseline_code(args.work, args.baseline_ref)
-    procs = [
-        start(name, a, data, args.work, args.members, d, old if name in OLD_CODE else REPO) for name, a, d in jobs
-    ]
+    procs = [start(name, a, data, args.work, args.members, d, old if name in OLD_CODE else REPO) for name, a, d in jobs]
     rows = {}
     for name, run, proc, began in procs:
         if proc.wait() != 0:
