@@ -26,11 +26,13 @@ from common import CLOTHING, REPO, default_folder, machine, mobilenet_run, row
 RUNTIMES = ("tf", "tflite", "tflite-int8", "onnx")
 
 
-def export_all(run: Path, calibration: Path) -> None:
+def export_all(run: Path, calibration: Path, samples: int) -> None:
     from cvtool.export import export
 
     for fmt, int8 in (("tflite", False), ("tflite", True), ("onnx", False)):
-        result = export(run, format=fmt, int8=int8, calibration=calibration, overwrite=True, quiet=True)
+        result = export(
+            run, format=fmt, int8=int8, calibration=calibration, samples=samples, overwrite=True, quiet=True
+        )
         print("  " + result.summary(), flush=True)
 
 
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-mobilenet", action="store_true")
+    parser.add_argument("--samples", type=int, default=1000, help="parity images (default: all 341 of validation)")
     args = parser.parse_args()
     print(f"# runtimes on {machine()}")
     tmp = Path(tempfile.mkdtemp(prefix="cvtool-bench-runtimes-"))
@@ -106,12 +109,12 @@ def main() -> None:
             print(f"training small-cnn 64 on {CLOTHING} ({args.epochs} epochs)...", flush=True)
             train(CLOTHING, small, cfg=TrainConfig(epochs=args.epochs, image_size=64, seed=1), quiet=True)
         print("exporting small-cnn 64 (parity on clothing-small validation):", flush=True)
-        export_all(small, calibration)
+        export_all(small, calibration, args.samples)
         bench("small-cnn 64", small, images, args.repeat, tmp)
         if not args.skip_mobilenet:
             mobilenet = mobilenet_run(tmp / "mobilenet", classes)
             print("\nexporting MobileNetV2 224 (weights=None: speed only):", flush=True)
-            export_all(mobilenet, calibration)
+            export_all(mobilenet, calibration, args.samples)
             bench("MobileNetV2 224", mobilenet, images, args.repeat, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
