@@ -194,12 +194,13 @@ def _watched(blocks, ray, nodes_at_start: set[str]) -> Iterator:
     except Exception as exc:  # noqa: BLE001 - anything else is _in_order's to report
         if not _is_stall(exc):
             raise
-        lost = len(nodes_at_start - live_nodes(ray))
+        lost = len(nodes_at_start - live_nodes(ray))  # Ray may not have noticed a lost node yet
         have = ", ".join(f"{n.get('CPU', 0):g} CPUs/{n.get('GPU', 0):g} GPUs" for n in node_resources(ray)) or "none"
-        what = f"{lost} of its {len(nodes_at_start)} nodes lost" if lost else "no node lost"
+        lost_text = f"; {lost} of its {len(nodes_at_start)} nodes lost" if lost else ""
         raise UnusableError(
-            f"the Ray engine made no progress for {stall_timeout()} s ({what}; live nodes: {have}); the rows so far "
-            "are kept: rerun with --resume once the cluster has room for a model replica and a decode task"
+            f"the Ray engine made no progress for {stall_timeout()} s (the cluster's live nodes: {have}{lost_text}); "
+            "the rows so far are kept: rerun with --resume once the cluster has room for a model replica and a "
+            "decode task"
         ) from None
 
 

@@ -303,7 +303,9 @@ def same_index(a: Path, b: Path, score_column: int) -> None:
 def test_gradcam_on_ray_writes_the_local_engines_pictures_rows_and_errors(cluster, trained_run, photos, tmp_path):
     from cvtool.gradcam import gradcam
 
-    local = gradcam(trained_run, photos, tmp_path / "local", top_k=2, save_heatmap=True, npy=True, quiet=True)
+    # The same batch size: a model call of another size can move a map in its 7th digit (oneDNN's kernels).
+    options = {"top_k": 2, "save_heatmap": True, "npy": True, "batch_size": 5}
+    local = gradcam(trained_run, photos, tmp_path / "local", quiet=True, **options)
     args = ["gradcam", str(trained_run), str(photos), "--out", str(tmp_path / "ray"), "-k", "2", "--save-heatmap"]
     done = cli(*args, "--npy", "--engine", "ray", "--batch-size", "5", env={"RAY_ADDRESS": cluster.address})
     assert (local.exit_code, done.returncode) == (1, 1), done.stderr  # the broken file
@@ -328,12 +330,14 @@ def test_segment_on_ray_writes_the_local_engines_masks_rows_and_legend(cluster, 
 def test_a_lost_node_stops_the_run_in_one_line_and_resume_completes_it_exactly(cluster, trained_run, tmp_path):
     """The only node a replica fits on (2 CPUs) is removed mid-run: Ray Data would wait for room that never
     comes; cvtool stops after its stall timeout (exit 3), keeps the rows, and --resume finishes on a new node."""
+    from cvtool.predict import predict
+
     photos = tmp_path / "many"
     photos.mkdir()
     for i in range(160):
         colour_image((200 - i, 60 + i % 100, 90), size=(40, 32), seed=i).save(photos / f"{i:03d}.png")
     expected = tmp_path / "local.csv"
-    assert cli("predict", str(trained_run), str(photos), "--out", str(expected)).returncode == 0
+    assert predict(trained_run, photos, expected, quiet=True).exit_code == 0
     out = tmp_path / "ray.csv"
     args = ["predict", str(trained_run), str(photos), "--out", str(out), "--engine", "ray", "--batch-size", "2"]
     args += ["--cpus-per-replica", "2"]
@@ -355,13 +359,8 @@ def test_a_lost_node_stops_the_run_in_one_line_and_resume_completes_it_exactly(c
         _, stderr = run.communicate(timeout=240)
         assert not added, f"the run was not seen mid-run: {stderr}"
         assert run.returncode == 3, stderr
-        assert (
-            stderr.strip()
-            .splitlines()[-1]
-            .startswith(
-                "error: the Ray engine made no progress for 10 s (1 of its 3 nodes lost; live nodes: 1 CPUs/0 GPUs, "
-            )
-        ), stderr
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("error: the Ray engine made no progress for 10 s (the cluster's live nodes: "), stderr
         kept = len(part.read_text().splitlines()) - 1
         assert 10 <= kept < 160
         added.append(cluster.add_node(num_cpus=2))  # the node comes back (an autoscaler, an operator)
