@@ -137,7 +137,7 @@ def local_batches(work: Work, items: Iterable, batch_size: int, settings: Engine
     from cvtool.batches import batched
 
     for batch in batched(items, work.decode, batch_size, key=work.key):
-        yield batch, work.run(batch.payloads)
+        yield batch, work.run(batch.payloads) if batch.payloads else work.join([])  # failures only: no model call
 
 
 @ENGINES.register("ray", help="Ray Data: decode tasks and a pool of model replicas, on a cluster or this machine")
