@@ -82,7 +82,10 @@ class Classifier:
 
     def without_model(self) -> Classifier:
         """A light copy to send to other processes: class names, input size, meta and how to load the model
-        (:meth:`reload`), but no model. Example: ``pickle.dumps(classifier.without_model())``."""
+        (:meth:`reload`), but no model. A classifier built in Python rather than loaded from a path is refused
+        (usage error): other processes could not load it. Example: ``pickle.dumps(classifier.without_model())``."""
+        if self.load_args is None:
+            self.reload()  # raises the usage error
         return dataclasses.replace(self, model=None, features=None, _forward=None, runner=None)
 
     def reload(self) -> Classifier:
@@ -403,12 +406,15 @@ def load_classifier(
     folder or an export folder, with ``labels.txt`` and ``export.json`` beside it).
     """
     classifier = _load_classifier(spec, unsafe, weights, runtime)
-    classifier.load_args = (_absolute(spec), unsafe, None if weights is None else _absolute(weights), runtime)
+    classifier.load_args = (absolute_spec(spec), unsafe, None if weights is None else absolute_spec(weights), runtime)
     return classifier
 
 
-def _absolute(spec: str | os.PathLike) -> str:
-    """A local path made absolute (other processes may run in another folder); names and URLs as they are."""
+def absolute_spec(spec: str | os.PathLike) -> str:
+    """A local path made absolute (other processes may run in another folder); names and URLs as they are.
+
+    Example: ``absolute_spec("runs/clothes")`` is ``"/home/me/runs/clothes"``; ``absolute_spec("imagenet:vgg16")``
+    is itself."""
     return os.path.abspath(spec) if os.path.exists(spec) else str(spec)
 
 

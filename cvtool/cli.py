@@ -265,7 +265,7 @@ SHARED_OPTIONS = {
 TTA_FIELDS = ("transforms", "reduce", "crop_scale", "copies", "seed")  # cvtool.tta.TtaOptions' fields
 JOB_OPTIONS = ("overwrite", "quiet", "resume", "shard")  # every resumable, shardable batch command
 MODEL_OPTIONS = ("unsafe_load", "weights", "runtime")  # every command that scores with a classifier
-ENGINE_OPTIONS = ("engine", "ray_address", "replicas", "cpus_per_replica", "gpus_per_replica")  # scoring commands
+ENGINE_OPTIONS = ("engine", "ray_address", "replicas", "cpus_per_replica", "gpus_per_replica")  # engine commands
 
 
 def shared_options(*names: str):
@@ -636,7 +636,7 @@ def evaluate(
 
 @app.command()
 @reports_errors
-@shared_options(*JOB_OPTIONS, "engine")
+@shared_options(*JOB_OPTIONS, *ENGINE_OPTIONS)
 def segment(
     input: InputArg,
     out: Annotated[
@@ -687,7 +687,7 @@ def segment(
     **options,
 ) -> int:
     """Per-pixel classes for every image under INPUT: mask, colour mask and overlay per image, legend, pixel counts."""
-    _engine_options(options, refuse_ray="segment")
+    engine = _engine_options(options)
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
     from cvtool.segment import SegmentConfig, parse_size
     from cvtool.segment import segment as run_segment
@@ -704,7 +704,7 @@ def segment(
         batch_size=batch_size,
         unsafe_load=unsafe_load,
     )
-    result = run_segment(input, out, config=cfg, **options)
+    result = run_segment(input, out, config=cfg, engine=engine, **options)
     _report(result.processed, result.failed, out, result.errors, options["quiet"])
     return result.exit_code
 
@@ -763,7 +763,7 @@ def merge(
 
 @app.command()
 @reports_errors
-@shared_options("batch_size", "unsafe_load", "weights", *JOB_OPTIONS, "engine")
+@shared_options("batch_size", "unsafe_load", "weights", *JOB_OPTIONS, *ENGINE_OPTIONS)
 def gradcam(
     model: ModelArg,
     input: InputArg,
@@ -802,7 +802,7 @@ def gradcam(
     **options,
 ) -> int:
     """Grad-CAM heatmaps: where the model looked, as overlays at each input image's own size."""
-    _engine_options(options, refuse_ray="gradcam")
+    engine = _engine_options(options)
     _refuse_impossible_out(out)  # these modules import TensorFlow: fail fast
     from cvtool.gradcam import gradcam as run_gradcam
 
@@ -821,6 +821,7 @@ def gradcam(
         save_heatmap=save_heatmap,
         npy=npy,
         runtime=runtime,
+        engine=engine,
         **options,
     )
     _report(result.processed, result.failed, result.out, result.errors, options["quiet"])
@@ -1134,17 +1135,11 @@ def join(base, name: str):
     return join_location(base, name)
 
 
-def _engine_options(options: dict, refuse_ray: str | None = None):
-    """Take the engine options out of a command's ``options``: one :class:`cvtool.engines.EngineSettings`.
-
-    ``refuse_ray``: the command's name, for commands without a Ray engine yet (``--engine ray`` is exit 2).
-    """
-    from cvtool.engines import engine_settings, refuse_ray_engine
+def _engine_options(options: dict):
+    """Take the engine options out of a command's ``options``: one :class:`cvtool.engines.EngineSettings`."""
+    from cvtool.engines import engine_settings
 
     fields = {name: options.pop(name) for name in ENGINE_OPTIONS if name in options}
-    if refuse_ray:
-        refuse_ray_engine(fields["engine"], refuse_ray)
-        return None
     return engine_settings(
         fields["engine"],
         address=fields["ray_address"],

@@ -1,10 +1,11 @@
-"""Where the scoring loop's work runs: the engines behind ``--engine`` (a registry, like every other variant).
+"""Where a command's per-batch work runs: the engines behind ``--engine`` (a registry, like every other variant).
 
-An engine turns the listed images into ``(Batch, scores)`` pairs **in input order**: each
-:class:`~cvtool.batches.Batch` holds the images decoded successfully and the failures met on the way,
-and the scores are [images, members, views, classes] (:meth:`cvtool.scoring.Scorer.member_probs`).
-What happens to them (rows of the one output job, metrics) is the command's business, so every engine
-writes the same rows, errors file and exit code.
+An engine turns the listed images into ``(Batch, results)`` pairs **in input order**: each
+:class:`~cvtool.batches.Batch` holds the images decoded successfully and the failures met on the way, and
+the results are what the command's :class:`Work` made of the decoded images (a scorer's probabilities
+[images, members, views, classes]; Grad-CAM's maps rendered as image bytes; segmentation masks encoded as
+PNG). What happens to them (rows of the one output job, files, metrics) is the command's business, on the
+driver, so every engine writes the same rows, files, errors file and exit code.
 
 - ``local``: this process: decode threads (:func:`cvtool.batches.batched`) and the model here.
 - ``ray``: Ray Data (:mod:`cvtool.ray_inference`): decode tasks and an actor pool of model replicas, on a
@@ -16,13 +17,45 @@ This module imports neither TensorFlow nor Ray (``--help`` reads it).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from cvtool.errors import UsageError
 from cvtool.registry import Registry
 
 ENGINES = Registry("--engine")
+
+
+class Work(Protocol):
+    """A command's per-batch work, as every engine runs it (:class:`cvtool.scoring.Scorer`,
+    :class:`cvtool.gradcam.GradcamWork`, :class:`cvtool.segment.SegmentWork`).
+
+    ``decode`` runs in decode threads (local) or CPU tasks (Ray); ``run`` runs where the model is: this
+    process (local), or a model replica that loaded it once (Ray: :meth:`portable` is what travels,
+    :meth:`loaded` what the replica makes of it). ``key``: None, or a function of a payload; batches then end
+    where it changes (images stacked into one model call must share a shape).
+    """
+
+    key: Callable[[Any], Any] | None
+
+    def decode(self, item) -> Any:
+        """The payload of one image (raises :class:`cvtool.errors.ImageError` for a bad file)."""
+
+    def run(self, payloads: list) -> Sequence:
+        """One result per payload, in order."""
+
+    def join(self, results: list) -> Any:
+        """Results gathered one by one (from the Ray engine's blocks) as :meth:`run` returns them."""
+
+    def portable(self) -> Work:
+        """A copy without its models, to send to other processes (a usage error when they cannot load them)."""
+
+    def loaded(self) -> Work:
+        """The portable copy with its models loaded again (once per model replica)."""
+
+    def decode_bytes(self) -> int:
+        """About the most memory one decoded payload holds (the Ray engine reserves it for decode tasks)."""
 
 
 @dataclass(frozen=True)
@@ -99,34 +132,29 @@ def engine_settings(
     return EngineSettings(name, address or None, replicas, cpus_per_replica, gpus_per_replica)
 
 
-def refuse_ray_engine(engine: str | EngineSettings | None, command: str) -> None:
-    """Commands that have no Ray engine yet refuse ``--engine ray`` in one line (exit 2)."""
-    if engine_settings(engine).name != "local":
-        raise UsageError(f"{command} does not run on --engine ray yet; use --engine local (or --shard K/N and merge)")
-
-
 @ENGINES.register("local", help="this process: decode threads and one model")
-def local_batches(scorer, items: Iterable, batch_size: int, settings: EngineSettings) -> Iterator[tuple]:
+def local_batches(work: Work, items: Iterable, batch_size: int, settings: EngineSettings) -> Iterator[tuple]:
     from cvtool.batches import batched
 
-    for batch in batched(items, scorer.decode, batch_size):
-        yield batch, scorer.member_probs(batch.payloads)
+    for batch in batched(items, work.decode, batch_size, key=work.key):
+        yield batch, work.run(batch.payloads) if batch.payloads else work.join([])  # failures only: no model call
 
 
 @ENGINES.register("ray", help="Ray Data: decode tasks and a pool of model replicas, on a cluster or this machine")
-def ray_batches(scorer, items: Iterable, batch_size: int, settings: EngineSettings) -> Iterator[tuple]:
-    from cvtool.ray_inference import ray_score_batches
+def ray_batches(work: Work, items: Iterable, batch_size: int, settings: EngineSettings) -> Iterator[tuple]:
+    from cvtool.ray_inference import ray_work_batches
 
-    yield from ray_score_batches(scorer, items, batch_size, settings)
+    yield from ray_work_batches(work, items, batch_size, settings)
 
 
 def engine_batches(
-    scorer, items: Iterable, batch_size: int, engine: str | EngineSettings | None = None
+    work: Work, items: Iterable, batch_size: int, engine: str | EngineSettings | None = None
 ) -> Iterator[tuple]:
-    """``(Batch, scores [images, members, views, classes])`` for ``items``, in input order, on ``engine``.
+    """``(Batch, work's results)`` for ``items``, in input order, on ``engine``.
 
     Args:
-        scorer: a :class:`~cvtool.scoring.Scorer` (its decode and its members).
+        work: what decodes and processes the images (a :class:`~cvtool.scoring.Scorer`: scores
+            [images, members, views, classes]; :class:`Work` says what else).
         items: the images left to do, in order.
         batch_size: images per batch.
         engine: an engine name or :class:`EngineSettings` (None: ``$CVTOOL_ENGINE``, else local).
@@ -134,4 +162,4 @@ def engine_batches(
     Example: ``for batch, scores in engine_batches(scorer, items, 32, "ray"): ...``.
     """
     settings = engine_settings(engine)
-    yield from ENGINES.get(settings.name)(scorer, items, batch_size, settings)
+    yield from ENGINES.get(settings.name)(work, items, batch_size, settings)

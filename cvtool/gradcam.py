@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from cvtool import heatmaps
-from cvtool.batches import batched, default_workers
+from cvtool.batches import default_workers
 from cvtool.bundle import Classifier, load_classifier
 from cvtool.cam import CamModel, get_method
+from cvtool.engines import EngineSettings, engine_batches
 from cvtool.errors import UsageError
 from cvtool.images import InputItem, list_images, load_with_original
 from cvtool.jobs import BatchJob, RunResult, Shard, model_fingerprint, remove_stale_temps
@@ -76,30 +77,107 @@ def output_names(base: str, rank: int, k: int, opts: Rendering) -> dict[str, str
     return names
 
 
-def write_maps(
-    out_dir: Path,
-    base: str,
-    image: np.ndarray,
-    maps: np.ndarray,
-    labels: Sequence[str],
-    opts: Rendering,
-) -> list[str]:
-    """Render and write the K maps of one image; returns the overlay names (relative to ``out_dir``)."""
+def render_maps(image: np.ndarray, maps: np.ndarray, labels: Sequence[str], opts: Rendering) -> list[dict[str, bytes]]:
+    """The encoded files of one image's K maps, per rank: ``{"image": ..., "heatmap": ..., "npy": ...}`` (as
+    ``opts`` asks), each map resized to the image's own size."""
     size = image.shape[:2]
-    written = []
-    for rank, (cam, label) in enumerate(zip(maps, labels), start=1):
-        names = output_names(base, rank, len(maps), opts)
+    pictures = []
+    for cam, label in zip(maps, labels):
         heat = heatmaps.resize_map(cam, size)
         picture = heatmaps.render(image, heat, label, opts.cmap, opts.alpha, opts.layout)
-        write_bytes_atomic(out_dir / names["image"], heatmaps.encode(picture, opts.fmt))
+        files = {"image": heatmaps.encode(picture, opts.fmt)}
         if opts.save_heatmap:
-            write_bytes_atomic(out_dir / names["heatmap"], heatmaps.encode_gray_png(heatmaps.to_gray(heat)))
+            files["heatmap"] = heatmaps.encode_gray_png(heatmaps.to_gray(heat))
         if opts.npy:
             buf = BytesIO()
             np.save(buf, heat.astype(np.float32))
-            write_bytes_atomic(out_dir / names["npy"], buf.getvalue())
+            files["npy"] = buf.getvalue()
+        pictures.append(files)
+    return pictures
+
+
+def write_maps(out_dir: Path, base: str, pictures: Sequence[dict[str, bytes]], opts: Rendering) -> list[str]:
+    """Write one image's rendered maps (:func:`render_maps`) atomically; returns the overlay names (relative
+    to ``out_dir``)."""
+    written = []
+    for rank, files in enumerate(pictures, start=1):
+        names = output_names(base, rank, len(pictures), opts)
+        for kind, data in files.items():
+            write_bytes_atomic(out_dir / names[kind], data)
         written.append(names["image"])
     return written
+
+
+@dataclass
+class Explained:
+    """One image's Grad-CAM: its K target classes and their scores, and per rank its files, rendered and
+    encoded (:func:`render_maps`); or why they could not be (``error``: the input fails)."""
+
+    classes: np.ndarray
+    scores: np.ndarray
+    pictures: list[dict[str, bytes]]
+    error: str = ""
+
+
+@dataclass
+class GradcamWork:
+    """Grad-CAM's per-batch work on every engine (:class:`cvtool.engines.Work`): one gradient tape over the
+    batch (:class:`~cvtool.cam.CamModel`), then each image's pictures rendered and encoded (threads: OpenCV
+    releases the GIL). Locally in this process; on Ray in the model replicas, which also spread the rendering.
+
+    Example: ``GradcamWork(classifier, rendering, cams=CamModel(classifier)).run(payloads)``.
+    """
+
+    classifier: Classifier
+    opts: Rendering
+    layer: str | None = None
+    method: str = "gradcam"
+    fixed: int | None = None  # the --class index; None: each image's top-k classes
+    top_k: int = 1
+    cams: CamModel | None = None
+
+    key = None  # every image is resized to the model's size
+
+    def decode(self, item: InputItem):
+        # The overlay keeps the input's full size; the model sees exactly predict's pixels.
+        return load_with_original(item.path, self.classifier.image_size)
+
+    def run(self, payloads: Sequence) -> list[Explained]:
+        inputs = np.stack([p[1] for p in payloads])
+        classes = None if self.fixed is None else np.full((len(inputs), 1), self.fixed, np.int32)
+        result = self.cams.compute(inputs, classes, top_k=self.top_k)
+        names = self.classifier.class_names
+
+        def render(i: int) -> Explained:
+            explained = Explained(result.classes[i], result.scores[i], [])
+            labels = [heatmaps.label_text(names[c], s) for c, s in zip(result.classes[i], result.scores[i])]
+            try:
+                explained.pictures = render_maps(payloads[i][0], result.maps[i], labels, self.opts)
+            except Exception as exc:  # noqa: BLE001 - OpenCV, memory: one input fails
+                explained.error = output_failure(exc)
+            return explained
+
+        with ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="cvtool-render") as pool:
+            return list(pool.map(render, range(len(payloads))))
+
+    def join(self, results: list[Explained]) -> list[Explained]:
+        return results
+
+    def portable(self) -> GradcamWork:
+        return dataclasses.replace(self, classifier=self.classifier.without_model(), cams=None)
+
+    def loaded(self) -> GradcamWork:
+        classifier = self.classifier.reload()
+        return dataclasses.replace(self, classifier=classifier, cams=CamModel(classifier, self.layer, self.method))
+
+    def decode_bytes(self) -> int:
+        h, w = self.classifier.image_size
+        return 3 * h * w + 3 * 4096 * 3072  # the model's input and an original of up to 12 megapixels
+
+
+def output_failure(exc: BaseException) -> str:
+    """The errors-file reason of an input whose pictures could not be rendered or written."""
+    return f"cannot write output: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
 
 
 @stages_output("out", folder=True)
@@ -127,6 +205,7 @@ def gradcam(
     runtime: str = "auto",
     resume: bool = False,
     shard: str | Shard | None = None,
+    engine: str | EngineSettings | None = None,
 ) -> RunResult:
     """Write a Grad-CAM picture per image (per target class) under ``out``, plus the index and errors CSVs.
 
@@ -135,7 +214,8 @@ def gradcam(
     written (atomically) before its index rows, so ``resume`` continues an
     interrupted run from the index; ``shard`` ("K/N") does only that share of INPUT.
     Grad-CAM needs gradients: only the TensorFlow runtime has them (``runtime`` ``auto`` or ``tf``;
-    ``auto`` always means the Keras model here).
+    ``auto`` always means the Keras model here). ``engine`` (``local``, ``ray``; None: ``$CVTOOL_ENGINE``)
+    says where the maps are computed and rendered (:mod:`cvtool.engines`); this process writes them.
     """
     check_runtime(runtime)
     kind = model.runtime if isinstance(model, Classifier) else runtime_of(model)  # a .tflite/.onnx file: theirs
@@ -190,39 +270,21 @@ def gradcam(
     if not overwrite and not resume:
         _refuse_existing(out_dir, {item.rel: bases[item.rel] for item in todo}, k, opts)
 
-    size = classifier.image_size
-
-    def decode(item: InputItem):
-        # The overlay keeps the input's full size; the model sees exactly predict's pixels.
-        return load_with_original(item.path, size)
-
-    with (
-        job,
-        Progress(len(todo), "gradcam", quiet) as progress,
-        ThreadPoolExecutor(max_workers=default_workers(), thread_name_prefix="cvtool-render") as pool,
-    ):
-        for batch in batched(todo, decode, batch_size):
+    work = GradcamWork(classifier, opts, cams.layer_name, cams.method_name, fixed, k, cams)
+    with job, Progress(len(todo), "gradcam", quiet) as progress:
+        for batch, explained in engine_batches(work, todo, batch_size, engine):
             job.fail_all(batch.failures)
-            if batch.items:
-                inputs = np.stack([p[1] for p in batch.payloads])
-                classes = None if fixed is None else np.full((len(inputs), 1), fixed, np.int32)
-                result = cams.compute(inputs, classes, top_k=k)
-
-                def render(i: int, result=result, batch=batch):
-                    labels = [heatmaps.label_text(names[c], s) for c, s in zip(result.classes[i], result.scores[i])]
-                    base = bases[batch.items[i].rel]
-                    return write_maps(out_dir, base, batch.payloads[i][0], result.maps[i], labels, opts)
-
-                futures = [pool.submit(render, i) for i in range(len(batch.items))]
-                for i, (item, future) in enumerate(zip(batch.items, futures)):
+            for item, e in zip(batch.items, explained):
+                if not e.error:
                     try:
-                        written = future.result()
-                    except Exception as exc:  # noqa: BLE001 - disk full, permissions, OpenCV: one input fails
-                        reason = f"cannot write output: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-                        job.fail(item.rel, reason)
-                        continue
-                    rows = zip(result.classes[i], result.scores[i], written)
-                    job.write_group([[item.rel, names[c], format_score(s), path_cell(name)] for c, s, name in rows])
+                        written = write_maps(out_dir, bases[item.rel], e.pictures, opts)
+                    except Exception as exc:  # noqa: BLE001 - disk full, permissions: one input fails
+                        e.error = output_failure(exc)
+                if e.error:
+                    job.fail(item.rel, e.error)
+                    continue
+                rows = zip(e.classes, e.scores, written)
+                job.write_group([[item.rel, names[c], format_score(s), path_cell(name)] for c, s, name in rows])
             job.flush()
             progress.update(len(batch.items) + len(batch.failures))
     return RunResult(job.processed, job.failed, job.out, job.errors)
@@ -236,4 +298,14 @@ def _refuse_existing(out_dir: Path, bases: dict[str, str], k: int, opts: Renderi
                     raise UsageError(f"{out_dir / name} already exists; pass --overwrite to replace it")
 
 
-__all__ = ["gradcam", "output_bases", "output_names", "write_maps", "Rendering", "INDEX_FILE", "ERRORS_FILE"]
+__all__ = [
+    "gradcam",
+    "GradcamWork",
+    "output_bases",
+    "output_names",
+    "render_maps",
+    "write_maps",
+    "Rendering",
+    "INDEX_FILE",
+    "ERRORS_FILE",
+]

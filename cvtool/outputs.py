@@ -295,5 +295,17 @@ def save_image(img, path: str | os.PathLike, **params: Any) -> Path:
     return path
 
 
+def encode_image(img, fmt: str, **params: Any) -> bytes:
+    """A Pillow image encoded in memory as Pillow's ``fmt`` (``PNG``, ``JPEG``) would write it to a file.
+
+    Example: ``write_bytes_atomic("a.png", encode_image(img, "PNG"))``.
+    """
+    from io import BytesIO
+
+    buf = BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
 def format_score(p: float) -> str:
     return f"{float(p):.6f}"

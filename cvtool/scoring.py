@@ -17,6 +17,7 @@ exactly the model's own probabilities.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,6 +114,40 @@ class Scorer:
 
     def score(self, payloads: Sequence[list[np.ndarray]]) -> np.ndarray:
         return self.reduce_views_then_members(self.member_probs(payloads))
+
+    # --- as an engine's work (cvtool.engines.Work): the scoring loop on every engine ---------------------------
+
+    key = None  # images of every size are resized to the members' sizes: any of them stack
+
+    def run(self, payloads: Sequence[list[np.ndarray]]) -> np.ndarray:
+        """The engine's per-batch work: :meth:`member_probs`."""
+        return self.member_probs(payloads)
+
+    def join(self, results: list[np.ndarray]) -> np.ndarray:
+        """Per-image scores [members, views, classes] stacked as :meth:`run` returns them."""
+        if not results:
+            return np.zeros((0, len(self.members), 1, self.num_classes), dtype=np.float32)
+        return np.stack(results)
+
+    def portable(self) -> Scorer:
+        """This scorer without its models, to send to Ray's decode tasks and replicas (each replica loads them
+        again). A model built in Python (not loaded from a path) cannot be loaded elsewhere: usage error."""
+        return dataclasses.replace(self, members=[Member(m.classifier.without_model(), m.order) for m in self.members])
+
+    def loaded(self) -> Scorer:
+        """The portable scorer with its models loaded again, through :meth:`cvtool.bundle.Classifier.reload`."""
+        return dataclasses.replace(self, members=[Member(m.classifier.reload(), m.order) for m in self.members])
+
+    def decode_bytes(self) -> int:
+        """One image's decoded views: every view at every member size."""
+        options = getattr(self.views, "options", None)
+        if options is not None:
+            from cvtool.tta import view_counts
+
+            views = sum(view_counts(options).values())
+        else:
+            views = 1
+        return views * sum(h * w * 3 for h, w in {m.size for m in self.members})
 
 
 def class_keys(classifier: Classifier) -> list[str]:

@@ -13,21 +13,24 @@ its input's own size.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 
-from cvtool.batches import batched
+from cvtool.bundle import absolute_spec
 from cvtool.classmap import BACKGROUND_ID, DEFAULT_MODEL, ClassMap, camvid, numbered, read_class_file
+from cvtool.engines import EngineSettings, engine_batches
 from cvtool.errors import UnusableError, UsageError
 from cvtool.fonts import text_fonts
 from cvtool.images import InputItem, list_images, load_with_original
 from cvtool.jobs import BatchJob, RunResult, Shard, file_digest, model_fingerprint, remove_stale_temps
 from cvtool.locks import holds_output_lock
-from cvtool.outputs import save_figure, save_image
+from cvtool.outputs import encode_image, save_figure, write_bytes_atomic
 from cvtool.progress import Progress, warn
 from cvtool.segmodels import SegmentationModel, load_segmentation_model
 from cvtool.storage import stages_output
@@ -128,6 +131,75 @@ class Labeller:
         self.classes = classes
 
 
+@dataclass
+class Segmented:
+    """One image's segmentation: pixels per class id ([256]), its files encoded (suffix -> bytes, see
+    :func:`encode_outputs`) and the class map they were drawn with."""
+
+    counts: np.ndarray
+    files: dict[str, bytes]
+    classes: ClassMap
+
+
+@dataclass
+class SegmentWork:
+    """Segmentation's per-batch work on every engine (:class:`cvtool.engines.Work`): the model on a batch of
+    one input size, masks labelled, resized to each input's size and encoded with their colour mask and
+    overlay. Locally in this process; on Ray in the model replicas (which load the model themselves).
+
+    Example: ``SegmentWork(cfg, None, model=load_segmentation_model(cfg.model)).run(payloads)``.
+    """
+
+    cfg: SegmentConfig
+    given: ClassMap | None = None  # the --classes file's map
+    fixed: tuple[int, int] | None = None  # the model's input size (--input-size, or what the model demands)
+    model: SegmentationModel | None = None
+    labeller: Labeller | None = None
+    loadable: bool = True  # False: a model given from Python, which other processes cannot load
+
+    def __post_init__(self) -> None:
+        if self.model is not None and self.labeller is None:
+            self.labeller = Labeller(self.given, self.cfg.drop_background)
+
+    def key(self, payload) -> tuple:
+        """Images of one model input size are stacked into one model call."""
+        return payload[1].shape
+
+    def decode(self, item: InputItem):
+        # The same decode and resize as every command's model input (see images.load_with_original).
+        return load_with_original(item.path, lambda full: model_input_size(full, self.fixed, self.cfg.max_side))
+
+    def run(self, payloads: Sequence) -> list[Segmented]:
+        inputs = np.stack([x for _, x in payloads])
+        raw = self.model.run(model_input(inputs, self.cfg.input_range, self.model.input_dtype))
+        masks = self.labeller(raw, len(payloads), self.model.source)
+        out = []
+        for (original, _), mask in zip(payloads, masks):
+            mask = resize_mask(mask, original.shape[:2])
+            counts = np.bincount(mask.ravel(), minlength=256)
+            out.append(
+                Segmented(
+                    counts, encode_outputs(original, mask, self.labeller.classes, self.cfg), self.labeller.classes
+                )
+            )
+        return out
+
+    def join(self, results: list[Segmented]) -> list[Segmented]:
+        return results
+
+    def portable(self) -> SegmentWork:
+        if not self.loadable:
+            raise UsageError("this model was not loaded from a path, so other processes cannot load it: give --model")
+        return dataclasses.replace(self, model=None, labeller=None)
+
+    def loaded(self) -> SegmentWork:
+        return dataclasses.replace(self, model=load_segmentation_model(self.cfg.model, unsafe=self.cfg.unsafe_load))
+
+    def decode_bytes(self) -> int:
+        h, w = self.fixed or (self.cfg.max_side or 4096, self.cfg.max_side or 4096)
+        return 3 * h * w + 3 * 4096 * 3072  # the model's input and an original of up to 12 megapixels
+
+
 @stages_output("out", folder=True)
 @holds_output_lock("out", folder=True)
 def segment(
@@ -140,6 +212,7 @@ def segment(
     quiet: bool = False,
     resume: bool = False,
     shard: str | Shard | None = None,
+    engine: str | EngineSettings | None = None,
 ) -> RunResult:
     """Segment every image under ``input`` into ``out``; returns counts and file locations.
 
@@ -155,6 +228,8 @@ def segment(
         quiet: no progress bar or log lines.
         resume: continue an interrupted run from its partial files.
         shard: ``"K/N"``: do only shard K of ``input``.
+        engine: where the model runs and the files are encoded: ``local`` or ``ray`` (:mod:`cvtool.engines`;
+            None: ``$CVTOOL_ENGINE``); this process writes them.
 
     Example: ``segment("photos/", "masks/", config=SegmentConfig(model="seg.keras", batch_size=2))``.
     """
@@ -172,15 +247,11 @@ def segment(
     if not resume:
         _check_free(out_dir, names, cfg.overlay_format, overwrite)
     seg_model = model or load_segmentation_model(cfg.model, unsafe=cfg.unsafe_load)
-    labeller = Labeller(given, cfg.drop_background)
-    fixed = cfg.input_size or seg_model.input_size
-
-    def decode(item: InputItem):
-        # The same decode and resize as every command's model input (see images.load_with_original).
-        return load_with_original(item.path, lambda full: model_input_size(full, fixed, cfg.max_side))
-
+    shipped = dataclasses.replace(cfg, model=absolute_spec(cfg.model))  # replicas may run in another folder
+    work = SegmentWork(shipped, given, cfg.input_size or seg_model.input_size, seg_model, loadable=model is None)
     out_dir.mkdir(parents=True, exist_ok=True)
     seen = np.zeros(256, dtype=np.int64)
+    classes = None  # the class map the masks were drawn with (decided on the model's first output)
     todo = job.open(items, PIXELS_HEADER, {"command": "segment", **_identity(cfg, seg_model)})
     if job.complete:
         return RunResult(job.processed, job.failed, job.out, job.errors)
@@ -188,28 +259,23 @@ def segment(
         remove_stale_temps(out_dir)
     with job:
         with Progress(len(todo), "segment", quiet) as progress:
-            for batch in batched(todo, decode, cfg.batch_size, key=lambda payload: payload[1].shape):
+            for batch, segmented in engine_batches(work, todo, cfg.batch_size, engine):
                 job.fail_all(batch.failures)
-                if batch.items:
-                    inputs = np.stack([x for _, x in batch.payloads])
-                    raw = seg_model.run(model_input(inputs, cfg.input_range, seg_model.input_dtype))
-                    masks = labeller(raw, len(batch.items), seg_model.source)
-                    for item, (original, _), mask in zip(batch.items, batch.payloads, masks):
-                        mask = resize_mask(mask, original.shape[:2])
-                        counts = np.bincount(mask.ravel(), minlength=256)
-                        seen += counts
-                        write_outputs(out_dir / names[item.rel], original, mask, labeller.classes, cfg)
-                        job.write_group(pixel_rows(item.rel, counts, labeller.classes))
+                for item, result in zip(batch.items, segmented):
+                    classes = result.classes
+                    seen += result.counts
+                    write_files(out_dir / names[item.rel], result.files)
+                    job.write_group(pixel_rows(item.rel, result.counts, classes))
                 job.flush()
                 progress.update(len(batch.items) + len(batch.failures))
     legend = out_dir / "legend.png"
-    if labeller.classes is None:  # nothing reached the model: draw the class map it would use
+    if classes is None:  # nothing reached the model: draw the class map it would use
         if job.kept and legend.exists():
             return RunResult(job.processed, job.failed, job.out, job.errors)  # resumed with nothing left: keep it
-        labeller.classes = given or camvid()
+        classes = given or camvid()
     if job.kept:  # classes seen before the interruption count too
-        seen += _seen_in(job.out, labeller.classes)
-    write_legend(labeller.classes, legend, seen)
+        seen += _seen_in(job.out, classes)
+    write_legend(classes, legend, seen)
     return RunResult(job.processed, job.failed, job.out, job.errors)
 
 
@@ -294,13 +360,24 @@ def overlay(image: np.ndarray, mask: np.ndarray, classes: ClassMap, alpha: float
     return np.minimum(image.astype(np.uint16) + tint[mask], 255).astype(np.uint8)
 
 
-def write_outputs(stem: Path, image: np.ndarray, mask: np.ndarray, classes: ClassMap, cfg: SegmentConfig) -> None:
-    """Write <stem>.mask.png, <stem>.color.png and <stem>.overlay.<jpg|png>, each atomically."""
-    save_image(mask_image(mask, classes), f"{stem}.mask.png")
-    save_image(Image.fromarray(classes.color_table()[mask]), f"{stem}.color.png")
+def encode_outputs(image: np.ndarray, mask: np.ndarray, classes: ClassMap, cfg: SegmentConfig) -> dict[str, bytes]:
+    """One image's files, encoded: ``.mask.png`` (palette PNG of class ids), ``.color.png`` and
+    ``.overlay.jpg`` (or ``.png``), by suffix."""
     params = {"quality": 90} if cfg.overlay_format == "jpg" else {}
     overlaid = Image.fromarray(overlay(image, mask, classes, cfg.alpha))
-    save_image(overlaid, f"{stem}.overlay.{cfg.overlay_format}", **params)
+    return {
+        ".mask.png": encode_image(mask_image(mask, classes), "PNG"),
+        ".color.png": encode_image(Image.fromarray(classes.color_table()[mask]), "PNG"),
+        f".overlay.{cfg.overlay_format}": encode_image(
+            overlaid, "JPEG" if cfg.overlay_format == "jpg" else "PNG", **params
+        ),
+    }
+
+
+def write_files(stem: Path, files: dict[str, bytes]) -> None:
+    """Write ``<stem><suffix>`` for each encoded file of :func:`encode_outputs`, each atomically."""
+    for suffix, data in files.items():
+        write_bytes_atomic(f"{stem}{suffix}", data)
 
 
 def write_legend(classes: ClassMap, path: Path, seen: np.ndarray | None = None) -> Path:

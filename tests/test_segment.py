@@ -280,7 +280,8 @@ def test_bad_files_are_reported_and_the_rest_segmented(models, photos, tmp_path)
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "nested" / "notes.png").write_text("not a PNG")
     out = tmp_path / "seg"
-    result = runner.invoke(app, ["segment", str(folder), "--out", str(out), "--model", str(models["predict"])])
+    args = ["segment", str(folder), "--out", str(out), "--model", str(models["predict"])]
+    result = runner.invoke(app, [*args, "--batch-size", "1"])  # the last batch: nested/notes.png, failures only
     assert result.exit_code == 1, result.output
     errors = read_csv(out / "errors.csv")
     assert sorted(e["path"] for e in errors) == ["empty.jpg", "nested/notes.png"]
