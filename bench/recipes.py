@@ -30,40 +30,25 @@ from common import CLOTHING, REPO
 # checked out with `git archive` into the work folder, so the baseline stays what users had.
 BASELINE_REF = "4a3cfd3"
 OLD_CODE = {"old"}
+_LS0 = "--lr-schedule cosine --label-smoothing 0"  # the cosine candidates without smoothing (now the default)
+_LS1 = "--lr-schedule cosine --label-smoothing 0.1"
 RECIPES: dict[str, list[str]] = {
-    "old": ["--epochs", "10", "--lr-schedule", "constant", "--label-smoothing", "0"],
-    "new": [],  # today's defaults: small-cnn Conv-BN-ReLU, 15 epochs, cosine decay, label smoothing 0.1
-    "cosine": ["--epochs", "10", "--lr-schedule", "cosine"],
-    "cosine-15": ["--epochs", "15", "--lr-schedule", "cosine"],
-    "cosine-15-ls": ["--epochs", "15", "--lr-schedule", "cosine", "--label-smoothing", "0.1"],
-    "cosine-15-aug": ["--epochs", "15", "--lr-schedule", "cosine", "--zoom", "0.1", "--shift", "0.1"],
-    "cosine-15-mixup": ["--epochs", "15", "--lr-schedule", "cosine", "--mixup", "0.2"],
-    "cosine-15-ra": ["--epochs", "15", "--lr-schedule", "cosine", "--randaugment", "0.3"],
-    "cosine-15-ls-ra": [
-        "--epochs",
-        "15",
-        "--lr-schedule",
-        "cosine",
-        "--label-smoothing",
-        "0.1",
-        "--randaugment",
-        "0.3",
-    ],
-    "cosine-15-ls-crop": ["--epochs", "15", "--lr-schedule", "cosine", "--label-smoothing", "0.1", "--crop", "0.1"],
-    "cosine-15-ls-zs": [
-        "--epochs",
-        "15",
-        "--lr-schedule",
-        "cosine",
-        "--label-smoothing",
-        "0.1",
-        "--zoom",
-        "0.1",
-        "--shift",
-        "0.1",
-    ],
-    "cosine-15-ls-lr2": ["--epochs", "15", "--lr-schedule", "cosine", "--label-smoothing", "0.1", "--lr", "0.002"],
-    "cosine-12-ls": ["--epochs", "12", "--lr-schedule", "cosine", "--label-smoothing", "0.1"],
+    name: spec.split()
+    for name, spec in {
+        "old": "--epochs 10 --lr-schedule constant --label-smoothing 0",
+        "new": "",  # today's defaults: small-cnn Conv-BN-ReLU, 15 epochs, cosine decay, label smoothing 0.1
+        "cosine": f"--epochs 10 {_LS0}",
+        "cosine-15": f"--epochs 15 {_LS0}",
+        "cosine-15-ls": f"--epochs 15 {_LS1}",
+        "cosine-15-aug": f"--epochs 15 {_LS0} --zoom 0.1 --shift 0.1",
+        "cosine-15-mixup": f"--epochs 15 {_LS0} --mixup 0.2",
+        "cosine-15-ra": f"--epochs 15 {_LS0} --randaugment 0.3",
+        "cosine-15-ls-ra": f"--epochs 15 {_LS1} --randaugment 0.3",
+        "cosine-15-ls-crop": f"--epochs 15 {_LS1} --crop 0.1",
+        "cosine-15-ls-zs": f"--epochs 15 {_LS1} --zoom 0.1 --shift 0.1",
+        "cosine-15-ls-lr2": f"--epochs 15 {_LS1} --lr 0.002",
+        "cosine-12-ls": f"--epochs 12 {_LS1}",
+    }.items()
 }
 
 
