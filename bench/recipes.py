@@ -30,13 +30,13 @@ from common import CLOTHING, REPO
 # checked out with `git archive` into the work folder, so the baseline stays what users had.
 BASELINE_REF = "4a3cfd3"
 OLD_CODE = {"old"}
-_LS0 = "--lr-schedule cosine --label-smoothing 0"  # the cosine candidates without smoothing (now the default)
+_LS0 = "--lr-schedule cosine --label-smoothing 0"  # pinned: smoothing was the default for a while
 _LS1 = "--lr-schedule cosine --label-smoothing 0.1"
 RECIPES: dict[str, list[str]] = {
     name: spec.split()
     for name, spec in {
         "old": "--epochs 10 --lr-schedule constant --label-smoothing 0",
-        "new": "",  # today's defaults: small-cnn Conv-BN-ReLU, 15 epochs, cosine decay, label smoothing 0.1
+        "new": "",  # today's defaults: small-cnn Conv-BN-ReLU, 15 epochs, cosine decay, no label smoothing
         "cosine": f"--epochs 10 {_LS0}",
         "cosine-15": f"--epochs 15 {_LS0}",
         "cosine-15-ls": f"--epochs 15 {_LS1}",

@@ -96,7 +96,7 @@ class TrainConfig:
     optimizer: str = option("adam", "adam, rmsprop or sgd (momentum 0.9, Nesterov).")
     seed: int = option(42, "Seeds Python, NumPy and TensorFlow: split, shuffling, augmentation, weights.")
     val_split: float = option(0.2, "Fraction held out per class when DATA has no validation/ folder.")
-    label_smoothing: float = option(0.1, "Label smoothing: targets y * (1 - F) + F / classes; 0 = off.")
+    label_smoothing: float = option(0.0, "Label smoothing: targets y * (1 - F) + F / classes; 0 = off.")
     dropout: float | None = option(
         None, "Dropout before the softmax head (default: 0.5 for small-cnn, after its Dense 512; else 0.2)."
     )
@@ -174,12 +174,11 @@ class FinetuneConfig(TrainConfig):
         resumable=True,
     )
     lr: float = option(1e-3, "Learning rate of phase 1 (the head).")
-    # train's recipe changed (bench/README.md: default train recipe); finetune's was not re-measured: kept
+    # train's schedule changed (bench/README.md: default train recipe); finetune's was not re-measured: kept
     lr_schedule: str = option(
         "constant",
         "constant, cosine (decays to 0 over the phase's epochs) or step (x0.1 at 1/2 and 3/4 of them); per step.",
     )
-    label_smoothing: float = option(0.0, "Label smoothing: targets y * (1 - F) + F / classes; 0 = off.")
     fine_tune_lr: float | None = option(None, "Learning rate of phase 2 (default: --lr / 10).", show_default=False)
     unfreeze: int | None = option(
         None, "Phase 2 unfreezes the top N backbone layers (default: use --unfreeze-fraction)."

@@ -117,6 +117,7 @@ class Explained:
     scores: np.ndarray
     pictures: list[dict[str, bytes]]
     error: str = ""
+    empty: int = 0  # of its K maps, those with no positive evidence anywhere (all zero)
 
 
 @dataclass
@@ -149,7 +150,8 @@ class GradcamWork:
         names = self.classifier.class_names
 
         def render(i: int) -> Explained:
-            explained = Explained(result.classes[i], result.scores[i], [])
+            empty = int((result.maps[i].reshape(len(result.maps[i]), -1).max(axis=1) <= 0).sum())
+            explained = Explained(result.classes[i], result.scores[i], [], empty=empty)
             labels = [heatmaps.label_text(names[c], s) for c, s in zip(result.classes[i], result.scores[i])]
             try:
                 explained.pictures = render_maps(payloads[i][0], result.maps[i], labels, self.opts)
@@ -271,6 +273,7 @@ def gradcam(
         _refuse_existing(out_dir, {item.rel: bases[item.rel] for item in todo}, k, opts)
 
     work = GradcamWork(classifier, opts, cams.layer_name, cams.method_name, fixed, k, cams)
+    empty = maps = 0
     with job, Progress(len(todo), "gradcam", quiet) as progress:
         for batch, explained in engine_batches(work, todo, batch_size, engine):
             job.fail_all(batch.failures)
@@ -283,11 +286,23 @@ def gradcam(
                 if e.error:
                     job.fail(item.rel, e.error)
                     continue
+                empty, maps = empty + e.empty, maps + len(e.classes)
                 rows = zip(e.classes, e.scores, written)
                 job.write_group([[item.rel, names[c], format_score(s), path_cell(name)] for c, s, name in rows])
             job.flush()
             progress.update(len(batch.items) + len(batch.failures))
+    if empty:
+        warn(empty_maps_warning(empty, maps, cams.layer_name, cams.method_name))
     return RunResult(job.processed, job.failed, job.out, job.errors)
+
+
+def empty_maps_warning(empty: int, maps: int, layer: str, method: str) -> str:
+    """A map of zeros is what the method defines when the class's weighted evidence at the layer is nowhere
+    positive (the ReLU of Grad-CAM); the overlay then shows nothing, so the run says how many."""
+    return (
+        f"{empty} of {maps} maps are empty: {method} found no positive evidence for the class at layer {layer} "
+        "(their overlays show no heat); another --method (gradcam++) or an earlier --layer may show more"
+    )
 
 
 def _refuse_existing(out_dir: Path, bases: dict[str, str], k: int, opts: Rendering) -> None:

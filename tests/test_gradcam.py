@@ -347,6 +347,40 @@ def test_plain_sequential_keras_file(colour_data, tmp_path):
         assert im.size == (40, 32)
 
 
+def test_empty_maps_are_counted_in_one_warning(colour_data, tmp_path):
+    """Class 0's weights are negative on every channel of a ReLU layer: its Grad-CAM is zero everywhere (the
+    paper's ReLU), and the run says how many maps are empty; class 1's maps are not."""
+    import keras
+    from keras import layers
+
+    from cvtool.layers import Preprocess
+
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            Preprocess("rescale"),
+            layers.Conv2D(8, 3, activation="relu", name="conv_a", bias_initializer="ones"),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(2, activation="softmax", name="head"),
+        ]
+    )
+    model.get_layer("head").set_weights([np.stack([-np.ones(8), np.ones(8)], axis=1), np.zeros(2)])
+    path = tmp_path / "signs.keras"
+    model.save(path)
+    photos = colour_data / "validation" / "blue"
+    for cls, expected in (("0", "12 of 12 maps are empty"), ("1", None)):
+        out = tmp_path / f"cams-{cls}"
+        res = runner.invoke(app, ["gradcam", str(path), str(photos), "--out", str(out), "--class", cls, "--npy"])
+        assert res.exit_code == 0, res.output
+        maps = [np.load(f) for f in sorted(out.glob("*.npy"))]
+        assert len(maps) == 12
+        if expected:
+            assert expected in res.output and "layer conv_a" in res.output
+            assert all(m.max() == 0 for m in maps)
+        else:
+            assert "maps are empty" not in res.output and all(m.max() > 0 for m in maps)
+
+
 def test_output_folder_inside_input_is_not_read_back(trained_run, colour_data, tmp_path):
     from cvtool.gradcam import gradcam
 
