@@ -34,7 +34,7 @@ def small_cnn(
     """A VGG-like net after the cookbook's: two [Conv-BN-ReLU x2, MaxPool, Dropout 0.25] blocks, Dense 512.
 
     ``width``: filters of the first block (each next block doubles them); ``depth``: the number of
-    blocks (each halves the side, so at most log2 of the side). Defaults: the cookbook's net.
+    blocks (each halves the side, so at most log2 of the side). Defaults: the cookbook's sizes.
 
     BatchNormalization comes between each Conv/Dense and its ReLU (the cookbook puts it after the ReLU),
     so that it folds into the layer's weights on export: after the ReLU, units that never fire get
