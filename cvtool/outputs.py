@@ -290,9 +290,7 @@ def save_image(img, path: str | os.PathLike, **params: Any) -> Path:
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise UsageError(f"cannot write images with the extension {path.suffix!r}: {path}")
-    with atomic_path(path) as tmp:
-        img.save(tmp, format=fmt, **params)
-    return path
+    return write_bytes_atomic(path, encode_image(img, fmt, **params))
 
 
 def encode_image(img, fmt: str, **params: Any) -> bytes:
