@@ -76,7 +76,8 @@ def main() -> None:
 
     import keras
 
-    from cvtool.architectures import build_scratch, default_image_size
+    from cvtool.architectures import build_scratch
+    from cvtool.backbones import default_image_size
 
     tmp = Path(tempfile.mkdtemp(prefix="cvtool-bench-tta-"))
     folder = args.folder or next((f for f in (DEFAULT_FOLDER, SHARED) if f.is_dir()), None)

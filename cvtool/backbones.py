@@ -52,7 +52,18 @@ BACKBONES: dict[str, Backbone] = {
 
 SCRATCH_ARCHS = ("small-cnn", "mobilenet_v2", "efficientnet_b0", "resnet50")
 SMALL_CNN_SIZE = 64
-MIN_IMAGE_SIZE = 8  # small-cnn's two 2x poolings still leave 2x2
+MIN_IMAGE_SIZE = 8  # small-cnn: its blocks (each a 2x pooling) are capped at log2 of the side
+
+
+def default_image_size(arch: str) -> int:
+    """The input side a run of ``arch`` uses unless ``--image-size`` says otherwise."""
+    return SMALL_CNN_SIZE if arch == "small-cnn" else get_backbone(arch).size
+
+
+def min_image_size(arch: str) -> int:
+    """The smallest square side ``arch`` takes (keras.applications' own minimum; 8 for small-cnn)."""
+    backbone = BACKBONES.get(arch)
+    return backbone.min_size if backbone is not None else MIN_IMAGE_SIZE
 
 
 def get_backbone(name: str) -> Backbone:

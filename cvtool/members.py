@@ -5,13 +5,15 @@ their seed alone make mostly the same ones. Each mode turns the ensemble's confi
 member ``i``'s (0-based); every member's own config (seed, ``bootstrap``, augmentation)
 is stored in its cvtool.json. No TensorFlow here: ``--help`` reads :data:`DIVERSITY`.
 
-Example: ``member_config(TrainConfig(), 2, "all")`` is seed 44, a bootstrap sample, RandAugment 0.3.
+Example: ``member_config(TrainConfig(), 2, "all")`` is seed 44, a bootstrap sample, RandAugment 0.3;
+``member_config(TrainConfig(), 2, "scale")`` is seed 44 at 80 px (small-cnn's 64 x 1.25).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from cvtool.backbones import default_image_size, min_image_size
 from cvtool.config import AugmentConfig, TrainConfig
 from cvtool.registry import Registry
 
@@ -27,6 +29,9 @@ AUGMENT_VARIANTS: tuple[dict, ...] = (
     {"mixup": 0.2},
     {"crop": 0.1, "brightness": 0.1},
 )
+
+# Member i's input side in the scale mode, as a factor of the run's own (cycled): 64 px gives 64, 48, 80, 56, 72.
+SCALE_FACTORS: tuple[float, ...] = (1.0, 0.75, 1.25, 0.875, 1.125)
 
 
 def member_config(cfg: TrainConfig, i: int, mode: str) -> TrainConfig:
@@ -53,6 +58,13 @@ def _bootstrap(cfg: TrainConfig, i: int) -> TrainConfig:
 @DIVERSITY.register("augment", help="each member adds a different augmentation (zoom+shift, RandAugment, MixUp...)")
 def _augment(cfg: TrainConfig, i: int) -> TrainConfig:
     return dataclasses.replace(cfg, augment=_varied_augment(cfg.augment, i))
+
+
+@DIVERSITY.register("scale", help="each member sees the photos at its own input size (64 px: 64, 48, 80, 56, 72)")
+def _scale(cfg: TrainConfig, i: int) -> TrainConfig:
+    side = cfg.image_size or default_image_size(cfg.arch)
+    scaled = round(side * SCALE_FACTORS[i % len(SCALE_FACTORS)] / 4) * 4  # a multiple of 4
+    return dataclasses.replace(cfg, image_size=max(min_image_size(cfg.arch), scaled))  # never below what it takes
 
 
 @DIVERSITY.register("all", help="bootstrap samples and varied augmentation")

@@ -67,7 +67,8 @@ def train(
 
     Usage: ``train("photos/", "runs/a", cfg=TrainConfig(epochs=5))``.
     """
-    from cvtool.architectures import build_scratch, default_image_size
+    from cvtool.architectures import build_scratch
+    from cvtool.backbones import default_image_size
     from cvtool.devices import distribution_strategy, seed_everything, strategy_name
 
     run, cfg, state = open_run(

@@ -240,12 +240,11 @@ def open_run(
 
 def check_image_size(arch: str, side: int) -> None:
     """Refuse a square side the network cannot take (keras.applications' own minimum), before any decoding."""
-    from cvtool.backbones import BACKBONES, MIN_IMAGE_SIZE
+    from cvtool.backbones import BACKBONES, min_image_size
 
-    backbone = BACKBONES.get(arch)
-    smallest = backbone.min_size if backbone is not None else MIN_IMAGE_SIZE
+    smallest = min_image_size(arch)
     if side < smallest:
-        network = f"{arch} needs" if backbone is not None else "the network needs"
+        network = f"{arch} needs" if arch in BACKBONES else "the network needs"
         raise UsageError(f"--image-size {side} is too small: {network} at least {smallest} pixels")
 
 

@@ -167,3 +167,26 @@ def test_members_differ_in_data_and_augmentation_as_recorded(colour_data, tmp_pa
     train_members(colour_data, seed_only, cfg=cfg, members=2, quiet=True)  # default: seed only
     meta = json.loads((seed_only / "member-2" / "cvtool.json").read_text())
     assert not meta["config"]["bootstrap"] and meta["data"]["distinct_train"] == meta["data"]["train"]
+
+
+def test_scale_members_see_their_own_input_size_and_score_together(colour_data, tmp_path):
+    from cvtool.config import TrainConfig
+    from cvtool.members import member_config
+    from cvtool.train import train_members
+
+    assert [member_config(TrainConfig(), i, "scale").image_size for i in range(6)] == [64, 48, 80, 56, 72, 64]
+    sized = TrainConfig(arch="mobilenet_v2")  # a backbone's own side is the base
+    assert [member_config(sized, i, "scale").image_size for i in range(3)] == [224, 168, 280]
+    small = TrainConfig(arch="mobilenet_v2", image_size=32)  # never below what the network takes
+    assert [member_config(small, i, "scale").image_size for i in range(3)] == [32, 32, 40]
+
+    out = tmp_path / "ens"
+    train_members(
+        colour_data, out, cfg=TrainConfig(epochs=1, image_size=16, batch_size=8), members=3, diversity="scale"
+    )
+    metas = [json.loads((out / f"member-{i}" / "cvtool.json").read_text()) for i in (1, 2, 3)]
+    assert [m["config"]["image_size"] for m in metas] == [16, 12, 20]
+    assert [m["image_size"] for m in metas] == [[16, 16], [12, 12], [20, 20]]
+    result = runner.invoke(app, ["evaluate", str(out), str(colour_data / "validation"), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    assert len(read_csv(tmp_path / "e" / "predictions.csv")) == 36
