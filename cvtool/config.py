@@ -80,7 +80,7 @@ class TrainConfig:
     """Everything that decides how a model is trained from scratch; stored in cvtool.json."""
 
     arch: str = option("small-cnn", "small-cnn, mobilenet_v2, efficientnet_b0 or resnet50 (from scratch).")
-    epochs: int = option(15, "Training epochs (default: 15; with --resume, the run's own).", min=1, resumable=True)
+    epochs: int = option(12, "Training epochs (default: 12; with --resume, the run's own).", min=1, resumable=True)
     image_size: int | None = option(
         None, "Square input side in pixels (default: 64 for small-cnn, else the network's own)."
     )
@@ -101,7 +101,7 @@ class TrainConfig:
         None, "Dropout before the softmax head (default: 0.5 for small-cnn, after its Dense 512; else 0.2)."
     )
     width: int = option(32, "small-cnn: filters of the first conv block (each next block doubles them).", min=1)
-    depth: int = option(2, "small-cnn: conv blocks, each halving the side.", min=1)
+    depth: int = option(3, "small-cnn: conv blocks, each halving the side.", min=1)
     bootstrap: bool = option(
         False, "Train on a bootstrap sample of the training split (drawn with replacement, seeded by --seed)."
     )

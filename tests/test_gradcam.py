@@ -381,6 +381,45 @@ def test_empty_maps_are_counted_in_one_warning(colour_data, tmp_path):
             assert "maps are empty" not in res.output and all(m.max() > 0 for m in maps)
 
 
+def test_default_method_keeps_maps_that_plain_gradcam_leaves_empty(colour_data, tmp_path):
+    """A Flatten head that weighs most positions against class 0 and one position for it (as a Dense layer
+    after max pooling can): Grad-CAM's mean gradient is negative, so its map is empty; the default,
+    Grad-CAM++, weighs the positive gradient and keeps a map."""
+    import keras
+    from keras import layers
+
+    from cvtool.layers import Preprocess
+
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            Preprocess("rescale"),
+            layers.Conv2D(1, 1, activation="relu", name="conv_a", kernel_initializer="zeros", bias_initializer="ones"),
+            layers.Flatten(),
+            layers.Dense(2, activation="softmax", name="head"),
+        ]
+    )
+    against = -np.ones(64)
+    against[27] = 1.0
+    model.get_layer("head").set_weights([np.stack([against, -against], axis=1), np.zeros(2)])
+    path = tmp_path / "flatten.keras"
+    model.save(path)
+    photos = colour_data / "validation" / "blue"
+    for extra, method, empty in (([], "gradcam++", False), (["--method", "gradcam"], "gradcam", True)):
+        out = tmp_path / f"cams-{method}"
+        args = ["gradcam", str(path), str(photos), "--out", str(out), "--class", "0", "--npy", *extra]
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert f"method {method}" in res.output
+        maps = [np.load(f) for f in sorted(out.glob("*.npy"))]
+        assert len(maps) == 12
+        if empty:
+            assert "12 of 12 maps are empty: gradcam found" in res.output and "(gradcam++)" in res.output
+            assert all(m.max() == 0 for m in maps)
+        else:
+            assert "maps are empty" not in res.output and all(m.max() > 0 for m in maps)
+
+
 def test_output_folder_inside_input_is_not_read_back(trained_run, colour_data, tmp_path):
     from cvtool.gradcam import gradcam
 
@@ -468,10 +507,10 @@ def test_default_layer_of_a_small_cnn_is_its_last_conv_block_before_pooling(trai
 
     clf = load_classifier(trained_run)
     cams = CamModel(clf)
-    assert cams.path == ["block2_relu2"]  # Conv-BN-ReLU: the block's output, not block2_pool or block2_dropout
-    pooled = clf.model.get_layer("block2_dropout").output.shape[1]
+    assert cams.path == ["block3_relu2"]  # Conv-BN-ReLU: the block's output, not block3_pool or block3_dropout
+    pooled = clf.model.get_layer("block3_dropout").output.shape[1]
     maps = cams.compute(np.zeros((1, 32, 32, 3), np.uint8)).maps
-    assert maps.shape[2:] == (2 * pooled, 2 * pooled) == (16, 16)
+    assert maps.shape[2:] == (2 * pooled, 2 * pooled) == (8, 8)
 
 
 def test_default_layer_skips_pooling_and_dropout_and_keeps_residual_outputs():

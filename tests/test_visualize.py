@@ -34,9 +34,11 @@ def test_small_cnn_run_gives_one_grid_per_conv_block_and_filter_patterns(trained
     args = ["visualize", str(trained_run), str(image), "--out", str(out), "--filters", "4", "--steps", "10"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "block1_relu2, block2_relu2" in result.output  # the last layer of each convolution block
-    # block1_relu2: 32 channels of 32x32 -> 2 rows of 16; block2_relu2: 64 channels of 16x16, enlarged to 32.
-    for layer, channels in (("block1_relu2", 32), ("block2_relu2", 64)):
+    blocks = ("block1_relu2", "block2_relu2", "block3_relu2")
+    assert ", ".join(blocks) in result.output  # the last layer of each convolution block
+    # block1_relu2: 32 channels of 32x32 -> 2 rows of 16; block2_relu2: 64 of 16x16 and block3_relu2 the
+    # first 64 (--channels' default) of its 128 at 8x8, enlarged to 32.
+    for layer, channels in zip(blocks, (32, 64, 64)):
         grid = png(out / f"red_00.{layer}.activations.png")
         assert grid.shape[:2] == grid_size(channels, 32, 16)
         tiles = [grid[r * 34 : r * 34 + 32, c * 34 : c * 34 + 32] for r in range(channels // 16) for c in range(16)]
@@ -44,8 +46,7 @@ def test_small_cnn_run_gives_one_grid_per_conv_block_and_filter_patterns(trained
         patterns = png(out / f"{layer}.filters.png")
         assert patterns.shape[:2] == grid_size(4, 32, 2) and np.std(patterns) > 20
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"red_00.{n}.activations.png" for n in ("block1_relu2", "block2_relu2")]
-        + ["block1_relu2.filters.png", "block2_relu2.filters.png"]
+        [f"red_00.{n}.activations.png" for n in blocks] + [f"{n}.filters.png" for n in blocks]
     )
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "--overwrite" in again.output
