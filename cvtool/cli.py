@@ -18,6 +18,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from cvtool import __version__
+from cvtool.cam import DEFAULT_METHOD as DEFAULT_CAM_METHOD
 from cvtool.cam import METHODS as CAM_METHODS
 from cvtool.classmap import DEFAULT_MODEL as DEFAULT_SEGMENT_MODEL
 from cvtool.config import FinetuneConfig, TrainConfig, from_options, option_fields
@@ -787,7 +788,7 @@ def gradcam(
             help="Target layer name (or backbone/NAME) (default: the last convolution block's output, before pooling)"
         ),
     ] = None,
-    method: Method = "gradcam",
+    method: Method = DEFAULT_CAM_METHOD,
     colormap: Annotated[str, typer.Option(help="OpenCV colour map name (jet, viridis, inferno, turbo...).")] = "jet",
     alpha: Annotated[float, typer.Option(help="Heatmap weight in the overlay, 0 to 1.")] = 0.5,
     layout: Annotated[str, typer.Option(help="overlay, or panel (original | heatmap | overlay).")] = "overlay",

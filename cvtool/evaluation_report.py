@@ -270,7 +270,10 @@ def _explain(page: Page, errors: list[Sample], names: list[str], classifier, thu
         warn(f"--explain skipped: {exc}")
         page.para(f"Grad-CAM not available: {exc}", "empty")
         return
-    page.para(f"Heatmap of the predicted (wrong) class, layer {cams.layer_name}, model {classifier.source}.")
+    page.para(
+        f"Heatmap of the predicted (wrong) class, method {cams.method_name}, layer {cams.layer_name}, "
+        f"model {classifier.source}."
+    )
     shown = []
     for s in errors:
         try:

@@ -21,7 +21,7 @@ import numpy as np
 from cvtool import heatmaps
 from cvtool.batches import default_workers
 from cvtool.bundle import Classifier, load_classifier
-from cvtool.cam import CamModel, get_method
+from cvtool.cam import DEFAULT_METHOD, CamModel, get_method
 from cvtool.engines import EngineSettings, engine_batches
 from cvtool.errors import UsageError
 from cvtool.images import InputItem, list_images, load_with_original
@@ -132,7 +132,7 @@ class GradcamWork:
     classifier: Classifier
     opts: Rendering
     layer: str | None = None
-    method: str = "gradcam"
+    method: str = DEFAULT_METHOD
     fixed: int | None = None  # the --class index; None: each image's top-k classes
     top_k: int = 1
     cams: CamModel | None = None
@@ -190,7 +190,7 @@ def gradcam(
     out: str | Path,
     *,
     layer: str | None = None,
-    method: str = "gradcam",
+    method: str = DEFAULT_METHOD,
     class_name: str | None = None,
     top_k: int = 1,
     colormap: str = "jet",
@@ -299,9 +299,10 @@ def gradcam(
 def empty_maps_warning(empty: int, maps: int, layer: str, method: str) -> str:
     """A map of zeros is what the method defines when the class's weighted evidence at the layer is nowhere
     positive (the ReLU of Grad-CAM); the overlay then shows nothing, so the run says how many."""
+    other = "gradcam" if method == "gradcam++" else "gradcam++"
     return (
         f"{empty} of {maps} maps are empty: {method} found no positive evidence for the class at layer {layer} "
-        "(their overlays show no heat); another --method (gradcam++) or an earlier --layer may show more"
+        f"(their overlays show no heat); another --method ({other}) or an earlier --layer may show more"
     )
 
 
