@@ -37,7 +37,7 @@ from cvtool.registry import Registry
 # Every CAM method (``--method``); TensorFlow is imported when a method runs, so ``--help`` can read this table.
 METHODS = Registry("--method")
 # Grad-CAM++ by default: on the default small-cnn (Flatten head after max pooling) plain Grad-CAM's mean
-# gradients summed to nothing positive for 14-23% of clothing-small's validation photos (blank overlays),
+# gradients summed to nothing positive for 13-23% of clothing-small's validation photos (blank overlays),
 # and Grad-CAM++ scored higher on the insertion metric (docs/gradcam.md).
 DEFAULT_METHOD = "gradcam++"
 
@@ -127,7 +127,7 @@ def find_target_layer(model, name: str | None = None) -> list[str]:
     paper and Keras' own example: the last convolution before the classifier
     head (a global pooling whose map never comes back), followed through the layers after it that keep its map (batch
     norm, activations, residual adds, concatenations) up to the first dropout
-    or pooling that shrinks the map. So small-cnn's ``block2_relu2`` (not ``block2_dropout``,
+    or pooling that shrinks the map. So small-cnn's ``block3_relu2`` (not ``block3_dropout``,
     a map of half the resolution), MobileNetV2's ``out_relu``, VGG16's
     ``block5_conv3``; a nested model (a finetune backbone) is searched too.
     A model without convolutions falls back to its last layer with a 4-D

@@ -73,6 +73,9 @@ class AugmentConfig:
 
 MIXING = ("mixup", "cutmix")  # AugmentConfig fields that mix images and labels of a batch
 LR_SCHEDULES = ("constant", "cosine", "step")
+LR_SCHEDULE_HELP = (
+    "constant, cosine (decays to 0 over the phase's epochs) or step (x0.1 at 1/2 and 3/4 of them); per step."
+)
 
 
 @dataclass
@@ -90,7 +93,7 @@ class TrainConfig:
     lr: float = option(1e-3, "Learning rate.")
     lr_schedule: str = option(
         "cosine",
-        "constant, cosine (decays to 0 over the phase's epochs) or step (x0.1 at 1/2 and 3/4 of them); per step.",
+        LR_SCHEDULE_HELP,
     )
     warmup: float = option(0.0, "Epochs of linear learning-rate warm-up at the start (fractions allowed).", min=0)
     optimizer: str = option("adam", "adam, rmsprop or sgd (momentum 0.9, Nesterov).")
@@ -177,7 +180,7 @@ class FinetuneConfig(TrainConfig):
     # train's schedule changed (bench/README.md: default train recipe); finetune's was not re-measured: kept
     lr_schedule: str = option(
         "constant",
-        "constant, cosine (decays to 0 over the phase's epochs) or step (x0.1 at 1/2 and 3/4 of them); per step.",
+        LR_SCHEDULE_HELP,
     )
     fine_tune_lr: float | None = option(None, "Learning rate of phase 2 (default: --lr / 10).", show_default=False)
     unfreeze: int | None = option(

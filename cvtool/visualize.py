@@ -68,8 +68,8 @@ def default_layers(model) -> list[list[str]]:
     convolution starts the next block) and each piece that contains a convolution
     gives its last layer, leaving out padding, pooling and dropout; the 1x1 maps of
     squeeze-and-excitation branches (MobileNetV3, EfficientNet) are not blocks. So small-cnn
-    gives ``block1_relu2`` and ``block2_relu2``; VGG16 the last convolution of each block (``block1_conv2`` ...);
-    MobileNetV2 one layer per resolution.
+    gives ``block1_relu2``, ``block2_relu2`` and ``block3_relu2``; VGG16 the last convolution of each
+    block (``block1_conv2`` ...); MobileNetV2 one layer per resolution.
     """
     from cvtool.cam import _flat_layers, _head_start, _spatial
     from cvtool.runtime import keras
@@ -144,7 +144,7 @@ def climb_path(model, path: Sequence[str]) -> list[str]:
 
     The ReLU only cuts the negative part, so maximising its input maximises its output; but a filter
     that is silent (negative) everywhere on the starting image has no gradient through the ReLU and
-    would stay a flat grey tile. Small-cnn's ``block2_relu2`` climbs on ``block2_bn2``.
+    would stay a flat grey tile. Small-cnn's ``block3_relu2`` climbs on ``block3_bn2``.
     """
     from cvtool.cam import _layer_at
     from cvtool.runtime import keras
@@ -316,7 +316,8 @@ def visualize(
     for label, path in names.items():
         if not filters:
             break
-        layer_model = _layer_model(classifier.model, climb_path(classifier.model, path))
+        climb = climb_path(classifier.model, path)
+        layer_model = layer_models[label] if climb == list(path) else _layer_model(classifier.model, climb)
         count = int(layer_model.outputs[0].shape[-1])
         patterns = filter_patterns(layer_model, range(min(filters, count)), size, steps=steps, step_size=step_size)
         picture = grid(standardise(patterns, axes=(1, 2, 3)), math.ceil(math.sqrt(len(patterns))))
