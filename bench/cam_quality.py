@@ -52,18 +52,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import cv2
-    from PIL import Image
 
     from cvtool.bundle import load_classifier
     from cvtool.cam import CamModel
-    from cvtool.images import list_images
+    from cvtool.images import list_images, load_image
 
     clf = load_classifier(args.run)
     side = clf.model.input_shape[1]
     files = list_images(args.folder)
-    images = np.stack(
-        [np.asarray(Image.open(f.path).convert("RGB").resize((side, side), Image.BILINEAR)) for f in files]
-    ).astype(np.float32)
+    images = np.stack([load_image(f.path, (side, side)) for f in files]).astype(np.float32)  # predict's pixels
     classes = clf.model.predict(images, verbose=0, batch_size=128).argmax(1)
     yy, xx = np.mgrid[0:side, 0:side]
     centre = np.exp(-((yy - side / 2) ** 2 + (xx - side / 2) ** 2) / (2 * (side / 4) ** 2))
