@@ -143,6 +143,7 @@ def train_members(
     """
     cfg = cfg or TrainConfig()
     DIVERSITY.entry(diversity)
+    validate_train(cfg)  # the options as given: a mode may change them per member (scale: the image size)
     if members < 1:
         raise UsageError("--members must be at least 1")
     run_dir = Path(out)

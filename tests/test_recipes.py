@@ -190,3 +190,12 @@ def test_scale_members_see_their_own_input_size_and_score_together(colour_data, 
     result = runner.invoke(app, ["evaluate", str(out), str(colour_data / "validation"), "--out", str(tmp_path / "e")])
     assert result.exit_code == 0, result.output
     assert len(read_csv(tmp_path / "e" / "predictions.csv")) == 36
+
+
+def test_members_refuse_an_invalid_option_before_a_mode_can_change_it(colour_data, tmp_path):
+    """--image-size 7 is below small-cnn's 8: refused up front, not raised to 8 by the scale mode."""
+    out = tmp_path / "ens"
+    args = ["train", str(colour_data), "--out", str(out), "--members", "2", "--diversity", "scale"]
+    result = runner.invoke(app, [*args, "--image-size", "7", "--epochs", "1"])
+    assert result.exit_code == 2 and "--image-size 7 is too small" in result.output
+    assert not out.exists()
