@@ -184,11 +184,13 @@ def discover(
         train_dir = splits["train"]
         class_names, train = read_class_folders(train_dir, exclude=exclude)
         _check_classes(class_names, train_dir)
+        train = _under(train_dir.name, train)
 
         def other(split: str) -> LabelledSet | None:
             if split not in splits:
                 return None
-            return read_class_folders(splits[split], class_names, exclude, reference=f"{train_dir.name}/")[1]
+            found = read_class_folders(splits[split], class_names, exclude, reference=f"{train_dir.name}/")[1]
+            return _under(splits[split].name, found)
 
         validation, test = other("validation"), other("test") or LabelledSet()
         layout = "splits"
@@ -199,6 +201,11 @@ def discover(
     if validation is None:
         train, validation = stratified_split(train, val_split, seed)
     return Splits(class_names, train, validation, test, layout)
+
+
+def _under(split: str, data: LabelledSet) -> LabelledSet:
+    """Items named from DATA (``train/dress/a.jpg``), so a file of one name in two splits stays two rows."""
+    return LabelledSet([InputItem(item.path, f"{split}/{item.rel}") for item in data.items], data.labels)
 
 
 def _check_classes(class_names: list[str], folder: Path) -> None:

@@ -297,3 +297,19 @@ def test_train_arch_outside_the_from_scratch_networks_is_a_usage_error_naming_th
     assert result.exit_code == 2, result.output
     assert "small-cnn" in result.stderr and "cvtool finetune" in result.stderr, result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_errors_of_split_folders_name_the_split(colour_data, tmp_path):
+    """A bad file of one name in train/ and validation/ is two rows that say which split each is in."""
+    data = tmp_path / "data"
+    shutil.copytree(colour_data, data)
+    for split in ("train", "validation"):
+        (data / split / "red" / "broken.png").write_bytes(b"not a png")
+    from cvtool.config import TrainConfig
+    from cvtool.train import train
+
+    run = tmp_path / "run"
+    train(data, run, cfg=TrainConfig(epochs=1, image_size=16, batch_size=8), quiet=True)
+    with open(run / "errors.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == ["train/red/broken.png", "validation/red/broken.png"]
