@@ -247,4 +247,4 @@ def test_training_lists_a_broken_file_with_a_latin1_name_in_its_errors_csv(tmp_p
     with open(os.fsencode(data / "train" / "red") + b"/bad\xe9.png", "wb") as f:
         f.write(b"not an image")
     result = train(data, tmp_path / "run", cfg=TrainConfig(epochs=1, image_size=16, batch_size=4), quiet=True)
-    assert result.failures and read_rows(tmp_path / "run" / "errors.csv")[0][0] == "red/bad\\xe9.png"
+    assert result.failures and read_rows(tmp_path / "run" / "errors.csv")[0][0] == "train/red/bad\\xe9.png"
